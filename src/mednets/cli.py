@@ -1,0 +1,139 @@
+"""The `mednets` command line: a thin layer, each command parses arguments and calls one library function.
+
+Errors a user can cause (`MednetsError`) print one line naming what was wrong and what was
+expected, and exit with code 2; `mednets --debug COMMAND ...` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mednets.errors import ConfigError, MednetsError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="mednets",
+    help="Medical image segmentation, absent-anatomy detection and denoising.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+_state = {"debug": False}
+
+# Options that take several numbers (`--input-size 3 256 256`). Click options have a fixed arity,
+# so `main` joins the numbers after such an option into one comma-separated value.
+MULTI_VALUE_OPTIONS = frozenset({"--input-size", "--shape", "--spacing"})
+
+
+def join_multi_value_options(argv: list[str]) -> list[str]:
+    """Rewrite `--input-size 3 256 256` as `--input-size 3,256,256` (numbers only are joined)."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        joined.append(token)
+        index += 1
+        if token in MULTI_VALUE_OPTIONS:
+            values = []
+            while index < len(argv) and _is_number(argv[index]):
+                values.append(argv[index])
+                index += 1
+            if values:
+                joined.append(",".join(values))
+    return joined
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_numbers(text: str, option: str, *, kind: type = int, counts: tuple[int, ...] = (2, 3, 4)) -> tuple:
+    """Parse `"3,256,256"` into numbers of `kind`, checking how many there are."""
+    try:
+        values = tuple(kind(v) for v in text.replace(",", " ").split())
+    except ValueError as error:
+        raise ConfigError("must be numbers", source=option, expected=f"{kind.__name__}s", got=text) from error
+    if len(values) not in counts:
+        raise ConfigError("wrong number of values", source=option, expected=f"{' or '.join(map(str, counts))} values", got=text)
+    return values
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False) -> None:
+    """Medical image segmentation, absent-anatomy detection and denoising."""
+    _state["debug"] = debug
+
+
+@app.command("models")
+def models_command(
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter on model names.")] = "*",
+) -> None:
+    """List registered models with their task, dimensions, channels and parameter count."""
+    from mednets.models import get_model_spec, list_models
+
+    table = Table(title="mednets models")
+    for column in ("name", "task", "dims", "in", "out", "input size", "parameters", "description"):
+        table.add_column(
+            column,
+            justify="right" if column in ("dims", "in", "out", "parameters") else "left",
+            no_wrap=column != "description",
+        )
+    for name in list_models(pattern):
+        spec = get_model_spec(name)
+        params = f"{spec.param_count:,}" if spec.param_count is not None else "-"
+        size = "x".join(map(str, spec.input_size))
+        table.add_row(
+            name, spec.task, f"{spec.spatial_dims}D", str(spec.in_channels), str(spec.out_channels), size, params,
+            spec.description,
+        )
+    console.print(table)
+
+
+@app.command("report")
+def report_command(
+    models: Annotated[list[str], typer.Argument(help="Registered model names; two or more adds a comparison.")],
+    input_size: Annotated[
+        str, typer.Option("--input-size", metavar="C [D] H W", help="Input channels and spatial size, e.g. 3 256 256.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.html and figures.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measured passes.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Write the measured model report (layer table, parameters, FLOPs, peak memory, data-flow map)."""
+    from mednets.reports.model_report import write_model_report
+
+    shape = parse_numbers(input_size, "--input-size", counts=(3, 4))
+    paths = write_model_report(models, shape, out, batch_size=batch_size, device=device)
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mednets` script; returns the exit code (2 for a user error)."""
+    args = join_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="mednets")  # standalone mode: always ends in SystemExit
+    except MednetsError as error:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
