@@ -25,7 +25,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (files, CI logs) has no terminal width: keep tables unwrapped there.
+console = Console(width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
 
 # Options that take several numbers (`--input-size 3 256 256`). Click options have a fixed arity,
@@ -66,7 +67,9 @@ def parse_numbers(text: str, option: str, *, kind: type = int, counts: tuple[int
     except ValueError as error:
         raise ConfigError("must be numbers", source=option, expected=f"{kind.__name__}s", got=text) from error
     if len(values) not in counts:
-        raise ConfigError("wrong number of values", source=option, expected=f"{' or '.join(map(str, counts))} values", got=text)
+        raise ConfigError(
+            "wrong number of values", source=option, expected=f"{' or '.join(map(str, counts))} values", got=text
+        )
     return values
 
 
@@ -95,7 +98,13 @@ def models_command(
         params = f"{spec.param_count:,}" if spec.param_count is not None else "-"
         size = "x".join(map(str, spec.input_size))
         table.add_row(
-            name, spec.task, f"{spec.spatial_dims}D", str(spec.in_channels), str(spec.out_channels), size, params,
+            name,
+            spec.task,
+            f"{spec.spatial_dims}D",
+            str(spec.in_channels),
+            str(spec.out_channels),
+            size,
+            params,
             spec.description,
         )
     console.print(table)
@@ -110,12 +119,13 @@ def report_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.html and figures.")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measured passes.")] = 1,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per measurement (median).")] = 3,
 ) -> None:
     """Write the measured model report (layer table, parameters, FLOPs, peak memory, data-flow map)."""
     from mednets.reports.model_report import write_model_report
 
     shape = parse_numbers(input_size, "--input-size", counts=(3, 4))
-    paths = write_model_report(models, shape, out, batch_size=batch_size, device=device)
+    paths = write_model_report(models, shape, out, batch_size=batch_size, device=device, repeats=repeats)
     for path in paths:
         console.print(f"wrote {path}")
 
@@ -129,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     except MednetsError as error:
         if debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

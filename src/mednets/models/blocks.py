@@ -27,6 +27,7 @@ __all__ = [
     "ConvNormAct",
     "DoubleConv",
     "ResidualBlock",
+    "StridedResidualBlock",
     "Down",
     "Up",
     "pad_to_match",
@@ -77,8 +78,14 @@ def conv(
         padding = dilation * (kernel_size - 1) // 2
     conv_class = _pick(_CONV, spatial_dims, "spatial_dims")
     return conv_class(
-        in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-        dilation=dilation, groups=groups, bias=bias,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
     )
 
 
@@ -160,13 +167,24 @@ class ConvNormAct(nn.Sequential):
     ) -> None:
         if transposed:
             layer = conv_transpose(
-                spatial_dims, in_channels, out_channels, kernel_size,
-                stride=stride, padding=0 if padding is None else padding, bias=bias,
+                spatial_dims,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=0 if padding is None else padding,
+                bias=bias,
             )
         else:
             layer = conv(
-                spatial_dims, in_channels, out_channels, kernel_size,
-                stride=stride, padding=padding, dilation=dilation, bias=bias,
+                spatial_dims,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                bias=bias,
             )
         super().__init__(layer, norm(norm_kind, spatial_dims, out_channels), activation(act))
 
@@ -226,6 +244,51 @@ class ResidualBlock(nn.Module):
         return self.act(out + x)
 
 
+class StridedResidualBlock(nn.Module):
+    """ResNet's projection block: `[B, C_in, *S] -> [B, C_out, *S/stride]`.
+
+    conv-norm-act-conv-norm plus a projection shortcut (1x1(x1) convolution with the same stride,
+    then norm), then act; for stages that change the width or the resolution, where the identity
+    of `ResidualBlock` cannot be added. Submodules `conv1`, `bn1`, `conv2`, `bn2`, `shortcut`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels.
+        stride: stride of the first convolution and of the shortcut (rounds up: `ceil(S / stride)`).
+        bias: convolution bias (ResNet has none: the norm supplies the shift).
+        norm_kind: see `norm`.
+        act: see `activation`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 2,
+        bias: bool = False,
+        norm_kind: str = "batch",
+        act: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv(spatial_dims, in_channels, out_channels, 3, stride=stride, bias=bias)
+        self.bn1 = norm(norm_kind, spatial_dims, out_channels)
+        self.conv2 = conv(spatial_dims, out_channels, out_channels, 3, bias=bias)
+        self.bn2 = norm(norm_kind, spatial_dims, out_channels)
+        self.shortcut = nn.Sequential(
+            conv(spatial_dims, in_channels, out_channels, 1, stride=stride, bias=bias),
+            norm(norm_kind, spatial_dims, out_channels),
+        )
+        self.act = functional_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
 class Down(nn.Sequential):
     """Max-pool by 2, then `DoubleConv`: `[B, C_in, *S] -> [B, C_out, *S/2]`."""
 
@@ -255,7 +318,13 @@ class Up(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, out_channels: int, *, interpolate: bool = False, **double_conv: object
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        interpolate: bool = False,
+        **double_conv: object,
     ) -> None:
         super().__init__()
         if interpolate:

@@ -29,7 +29,9 @@ def _upsample(in_channels: int, out_channels: int) -> ConvNormAct:
 
 def _output_head(channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv-BN-LeakyReLU, 1x1 conv, sigmoid: `[B, channels, H, W] -> [B, out_channels, H, W]` in [0, 1]."""
-    return nn.Sequential(*ConvNormAct(2, channels, channels, **_LAYER), conv(2, channels, out_channels, 1), nn.Sigmoid())
+    return nn.Sequential(
+        *ConvNormAct(2, channels, channels, **_LAYER), conv(2, channels, out_channels, 1), nn.Sigmoid()
+    )
 
 
 def _check_divisible(x: torch.Tensor, factor: int) -> None:
@@ -71,7 +73,9 @@ class HistoAutoencoder(MednetsModel):
 
     @staticmethod
     def _decoder(in_channels: int, out_channels: int) -> nn.Sequential:
-        return nn.Sequential(*_upsample(in_channels, out_channels), *ConvNormAct(2, out_channels, out_channels, **_LAYER))
+        return nn.Sequential(
+            *_upsample(in_channels, out_channels), *ConvNormAct(2, out_channels, out_channels, **_LAYER)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=2)

@@ -1,14 +1,16 @@
 """Measuring, not estimating: peak memory of a piece of work, and its median time.
 
 On CPU, peak memory is the peak resident set size of a fresh child process (spawned, so nothing of
-the parent is inherited) above its baseline right after start-up; the child runs one function and
+the parent is inherited) above its resident size right before the measured function runs (the
+kernel's peak mark is reset first, Linux `/proc/self/clear_refs`); the child runs one function and
 reports back. On CUDA, it is `torch.cuda.max_memory_allocated` around the function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-import resource
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Measured", "run_measured", "median_time"]
+__all__ = ["Measured", "run_measured", "median_time", "count_flops", "machine_description"]
 
 
 @dataclass(frozen=True)
@@ -29,16 +33,28 @@ class Measured:
     device: str
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so start-up transients don't count."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def _child(fn: Callable[..., Any], args: tuple, threads: int, queue: multiprocessing.Queue) -> None:
     torch.set_num_threads(threads)
-    baseline = _peak_rss_mb()
     try:
+        _reset_peak_rss()
+        baseline = _status_mb("VmRSS")
         value = fn(*args)
-        queue.put(("ok", value, _peak_rss_mb() - baseline))
+        queue.put(("ok", value, _status_mb("VmHWM") - baseline))
     except BaseException as error:  # report any failure to the parent instead of hanging it
         queue.put(("error", f"{type(error).__name__}: {error}", 0.0))
 
@@ -84,3 +100,26 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def count_flops(module: nn.Module, *inputs: Any) -> int:
+    """FLOPs of one forward pass of `module(*inputs)`, counted by `torch.utils.flop_counter`.
+
+    A multiply-add counts as 2 FLOPs; convolutions, matrix products and attention are counted,
+    element-wise work (bias, normalisation, activations) is not.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def machine_description() -> str:
+    """CPU model (or CUDA device), cores and torch version, for the header of benchmark tables."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", CUDA device {torch.cuda.get_device_name()}"
+    return text

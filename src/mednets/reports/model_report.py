@@ -1,0 +1,434 @@
+"""The model report of seed 001, measured: layer table, parameter breakdown, FLOPs, peak memory, data-flow map.
+
+Every figure comes from running the model: shapes from forward hooks, FLOPs from
+`torch.utils.flop_counter`, peak memory of an inference pass and of one Adam training step from
+`measure.run_measured` (a fresh child process on CPU, `max_memory_allocated` on CUDA). With two
+or more models the report opens with a side-by-side comparison of the measured numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mednets.atomic import atomic_write_text
+from mednets.errors import ConfigError
+from mednets.models import create_model, get_model_spec
+from mednets.reports.figures import figure_to_base64, plot_data_flow, plot_parameter_breakdown
+from mednets.reports.measure import count_flops, median_time, run_measured
+
+__all__ = ["LayerRow", "StageRow", "ModelMeasurements", "measure_model", "write_model_report"]
+
+_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One call of a leaf module: `params` counts the module's own parameters."""
+
+    name: str
+    type: str
+    input_shapes: list[tuple[int, ...]]
+    output_shape: Any
+    params: int
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One call of a top-level stage (a direct child of the model), in call order."""
+
+    name: str
+    input_shapes: list[tuple[int, ...]]
+    output_shape: Any
+    params: int
+
+
+@dataclass
+class ModelMeasurements:
+    """Everything the report shows about one model at one input size."""
+
+    name: str
+    architecture: str
+    description: str
+    input_shape: tuple[int, ...]
+    total_params: int
+    trainable_params: int
+    weight_layers: int
+    layers: list[LayerRow]
+    stages: list[StageRow]
+    flops: int
+    inference_peak_mb: float
+    train_peak_mb: float
+    inference_seconds: float
+    train_step_seconds: float
+    device: str
+    breakdown: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def size_mb(self) -> float:
+        """fp32 weight size in MiB."""
+        return self.total_params * 4 / 2**20
+
+    @property
+    def grouped_breakdown(self) -> list[tuple[str, int]]:
+        """Parameters per component kind: stage names without their trailing index (encoder1..4 -> encoder)."""
+        groups: dict[str, int] = {}
+        for stage, params in self.breakdown:
+            kind = re.sub(r"\d+$", "", stage) or stage
+            groups[kind] = groups.get(kind, 0) + params
+        return list(groups.items())
+
+
+def _shape_of(value: Any) -> Any:
+    """Shapes of a (nested) output: a tuple for a tensor, a dict or list of shapes otherwise."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, dict):
+        return {key: _shape_of(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shape_of(item) for item in value]
+    return type(value).__name__
+
+
+def _tensor_shapes(values: Iterable[Any]) -> list[tuple[int, ...]]:
+    return [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def trace_layers(model: nn.Module, x: torch.Tensor) -> tuple[list[LayerRow], list[StageRow]]:
+    """Run `model(x)` once without gradients and record every leaf-module call and top-level stage call."""
+    layers: list[LayerRow] = []
+    stages: list[StageRow] = []
+    top_level = {module: name for name, module in model.named_children()}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        is_leaf = next(module.children(), None) is None
+        if is_leaf or _own_params(module):
+
+            def record_layer(mod: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
+                kind = (
+                    type(mod).__name__
+                    if next(mod.children(), None) is None
+                    else f"{type(mod).__name__} (own parameters)"
+                )
+                layers.append(LayerRow(name, kind, _tensor_shapes(inputs), _shape_of(output), _own_params(mod)))
+
+            handles.append(module.register_forward_hook(record_layer))
+        if module in top_level:
+
+            def record_stage(mod: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
+                params = sum(p.numel() for p in mod.parameters())
+                stages.append(StageRow(name, _tensor_shapes(inputs), _shape_of(output), params))
+
+            handles.append(module.register_forward_hook(record_stage))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layers, stages
+
+
+def _parameter_breakdown(model: nn.Module) -> list[tuple[str, int]]:
+    """Parameters per direct child of the model, plus the model's own parameters if any."""
+    rows = [(name, sum(p.numel() for p in child.parameters())) for name, child in model.named_children()]
+    own = _own_params(model)
+    return [*rows, ("(model's own parameters)", own)] if own else rows
+
+
+def _outputs_mean(outputs: Any) -> torch.Tensor:
+    """A scalar depending on every floating output (the surrogate loss of the measured training step)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float().mean() if outputs.is_floating_point() else outputs.new_zeros((), dtype=torch.float32)
+    items = outputs.values() if isinstance(outputs, dict) else outputs
+    return sum((_outputs_mean(item) for item in items), torch.zeros(()))
+
+
+def _build(name: str, device: str, train: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name).to(device)
+    return model.train(train)
+
+
+def _inference_run(name: str, input_shape: tuple[int, ...], device: str, repeats: int) -> float:
+    """Build the model and time `repeats` no-grad forward passes (runs in the measuring child)."""
+    model = _build(name, device, train=False)
+    x = torch.randn(input_shape, device=device)
+    with torch.no_grad():
+        return median_time(lambda: model(x), repeats=repeats, warmup=1)
+
+
+def _train_run(name: str, input_shape: tuple[int, ...], device: str, repeats: int) -> float:
+    """Build the model and time Adam training steps on a surrogate loss (runs in the measuring child)."""
+    model = _build(name, device, train=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(input_shape, device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _outputs_mean(model(x)).backward()
+        optimizer.step()
+
+    return median_time(step, repeats=repeats, warmup=1)
+
+
+def measure_model(
+    name: str, input_shape: Sequence[int], *, batch_size: int = 1, device: str = "cpu", repeats: int = 3
+) -> ModelMeasurements:
+    """Measure model `name` at `input_shape` = `(C, *spatial)`.
+
+    Raises:
+        ConfigError: the channels or the number of spatial axes do not fit the model.
+    """
+    spec = get_model_spec(name)
+    channels, *spatial = input_shape
+    if channels != spec.in_channels or len(spatial) != spec.spatial_dims:
+        raise ConfigError(
+            f"input size does not fit model {name!r}",
+            source="--input-size",
+            expected=f"{spec.in_channels} channels and {spec.spatial_dims} spatial sizes, e.g. "
+            f"{' '.join(map(str, (spec.in_channels, *spec.input_size)))}",
+            got=" ".join(map(str, input_shape)),
+        )
+    full_shape = (batch_size, *input_shape)
+    model = _build(name, "cpu", train=False)
+    x = torch.randn(full_shape)
+    layers, stages = trace_layers(model, x)
+    flops = count_flops(model, x)
+    inference = run_measured(_inference_run, name, full_shape, device, repeats, device=device)
+    training = run_measured(_train_run, name, full_shape, device, repeats, device=device)
+    return ModelMeasurements(
+        name=name,
+        architecture=type(model).__name__,
+        description=spec.description,
+        input_shape=full_shape,
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        weight_layers=sum(isinstance(m, _WEIGHT_LAYERS) for m in model.modules()),
+        layers=layers,
+        stages=stages,
+        flops=flops,
+        inference_peak_mb=inference.peak_mb,
+        train_peak_mb=training.peak_mb,
+        inference_seconds=inference.value,
+        train_step_seconds=training.value,
+        device=device,
+        breakdown=_parameter_breakdown(model),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _fmt_shape(shape: Any) -> str:
+    if isinstance(shape, tuple):
+        return "[B, " + ", ".join(map(str, shape[1:])) + "]" if shape else "[]"
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{k}: {_fmt_shape(v)}" for k, v in shape.items()) + "}"
+    if isinstance(shape, list):
+        return "[" + ", ".join(_fmt_shape(v) for v in shape) + "]"
+    return str(shape)
+
+
+def data_flow_lines(m: ModelMeasurements) -> list[str]:
+    """The data-flow map as text: one line per stage call, `name: input shapes -> output shape`."""
+    lines = [f"INPUT: {_fmt_shape(m.input_shape)}"]
+    for stage in m.stages:
+        inputs = " + ".join(_fmt_shape(s) for s in stage.input_shapes)
+        lines.append(f"{stage.name.upper()}: {inputs} -> {_fmt_shape(stage.output_shape)}  ({stage.params:,} params)")
+    return lines
+
+
+def _summary_rows(m: ModelMeasurements) -> list[tuple[str, str]]:
+    return [
+        ("Architecture", m.architecture),
+        ("Input shape", str(list(m.input_shape))),
+        ("Total parameters", f"{m.total_params:,}"),
+        ("Trainable parameters", f"{m.trainable_params:,}"),
+        ("Weights size (fp32)", f"{m.size_mb:.2f} MB"),
+        ("Weight layers (conv + linear)", str(m.weight_layers)),
+        ("FLOPs per forward pass", f"{m.flops / 1e9:.2f} GFLOP"),
+        (f"Peak memory, inference ({m.device}, measured)", f"{m.inference_peak_mb:.1f} MB"),
+        (f"Peak memory, training step with Adam ({m.device}, measured)", f"{m.train_peak_mb:.1f} MB"),
+        ("Inference time (median)", f"{m.inference_seconds * 1000:.1f} ms"),
+        ("Training step time (median)", f"{m.train_step_seconds * 1000:.1f} ms"),
+    ]
+
+
+def _comparison_rows(models: Sequence[ModelMeasurements]) -> tuple[list[str], list[list[str]]]:
+    header = ["Metric", *(m.name for m in models)]
+    if len(models) == 2:
+        header.append(f"{models[1].name} / {models[0].name}")
+    numeric = [
+        ("Total parameters", lambda m: m.total_params, "{:,.0f}"),
+        ("Weights size (fp32, MB)", lambda m: m.size_mb, "{:.1f}"),
+        ("Weight layers (conv + linear)", lambda m: m.weight_layers, "{:.0f}"),
+        ("GFLOPs per forward pass", lambda m: m.flops / 1e9, "{:.2f}"),
+        ("Peak memory, inference (MB, measured)", lambda m: m.inference_peak_mb, "{:.1f}"),
+        ("Peak memory, training step (MB, measured)", lambda m: m.train_peak_mb, "{:.1f}"),
+        ("Inference time (ms, median)", lambda m: m.inference_seconds * 1000, "{:.1f}"),
+        ("Training step time (ms, median)", lambda m: m.train_step_seconds * 1000, "{:.1f}"),
+    ]
+    rows = [["Architecture", *(m.architecture for m in models)] + ([""] if len(models) == 2 else [])]
+    for label, value, fmt in numeric:
+        row = [label, *(fmt.format(value(m)) for m in models)]
+        if len(models) == 2:
+            first = value(models[0])
+            row.append(f"{value(models[1]) / first:.2f}x" if first else "-")
+        rows.append(row)
+    return header, rows
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _layer_table(m: ModelMeasurements) -> tuple[list[str], list[list[str]]]:
+    header = ["Layer", "Type", "Input shape", "Output shape", "Params"]
+    rows = [
+        [r.name, r.type, ", ".join(_fmt_shape(s) for s in r.input_shapes), _fmt_shape(r.output_shape), f"{r.params:,}"]
+        for r in m.layers
+    ]
+    return header, rows
+
+
+def _breakdown_table(rows: list[tuple[str, int]], total: int) -> tuple[list[str], list[list[str]]]:
+    return ["Component", "Parameters", "Share"], [
+        [name, f"{params:,}", f"{100 * params / total:.1f}%"] for name, params in rows
+    ] + [["Total", f"{total:,}", "100.0%"]]
+
+
+def _sections(m: ModelMeasurements) -> list[tuple[str, str, tuple[list[str], list[list[str]]] | None]]:
+    """(title, preformatted text, table) triples shared by the Markdown and HTML renderers."""
+    return [
+        ("Summary", "", (["Quantity", "Value"], [list(r) for r in _summary_rows(m)])),
+        ("Parameter breakdown by stage", "", _breakdown_table(m.breakdown, m.total_params)),
+        ("Parameter breakdown by component", "", _breakdown_table(m.grouped_breakdown, m.total_params)),
+        ("Data-flow map", "\n".join(data_flow_lines(m)), None),
+        ("Architecture map (every layer call)", "", _layer_table(m)),
+    ]
+
+
+_NOTES = (
+    "Peak memory is measured, not estimated: on CPU, the peak resident memory of a fresh child process above its "
+    "start-up baseline while it builds the model and runs the pass (so it includes the weights, and for training the "
+    "gradients and Adam state); on CUDA, `torch.cuda.max_memory_allocated`. FLOPs count a multiply-add as 2 "
+    "(convolutions and matrix products; element-wise work is not counted). The training step uses the mean of the "
+    "outputs as a surrogate loss."
+)
+
+
+def render_markdown(models: Sequence[ModelMeasurements], figures: dict[str, dict[str, str]]) -> str:
+    """The report as Markdown; `figures[model][kind]` are paths relative to the report."""
+    parts = ["# mednets model report", "", _NOTES, ""]
+    if len(models) > 1:
+        parts += ["## Comparison", "", _md_table(*_comparison_rows(models)), ""]
+    for m in models:
+        parts += [f"## {m.name}", "", m.description, ""]
+        for title, text, table in _sections(m):
+            parts += [f"### {title}", ""]
+            if text:
+                parts += ["```", text, "```", ""]
+            if table:
+                parts += [_md_table(*table), ""]
+            if title.startswith("Parameter breakdown by component"):
+                parts += [f"![parameters]({figures[m.name]['parameters']})", ""]
+            if title == "Data-flow map":
+                parts += [f"![data flow]({figures[m.name]['data_flow']})", ""]
+    return "\n".join(parts)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
+th { background: #f0f3f7; } pre { background: #f6f8fa; padding: 0.8rem; overflow-x: auto; }
+img { max-width: 100%; } details { margin-bottom: 1rem; }
+"""
+
+
+def render_html(models: Sequence[ModelMeasurements], images: dict[str, dict[str, str]]) -> str:
+    """The report as one self-contained HTML page; `images[model][kind]` are base64 PNGs."""
+    body = ["<h1>mednets model report</h1>", f"<p>{html.escape(_NOTES)}</p>"]
+    if len(models) > 1:
+        body += ["<h2>Comparison</h2>", _html_table(*_comparison_rows(models))]
+    for m in models:
+        body += [f"<h2>{html.escape(m.name)}</h2>", f"<p>{html.escape(m.description)}</p>"]
+        for title, text, table in _sections(m):
+            content = []
+            if text:
+                content.append(f"<pre>{html.escape(text)}</pre>")
+            if table:
+                content.append(_html_table(*table))
+            if title.startswith("Parameter breakdown by component"):
+                content.append(f'<img alt="parameters" src="data:image/png;base64,{images[m.name]["parameters"]}">')
+            if title == "Data-flow map":
+                content.append(f'<img alt="data flow" src="data:image/png;base64,{images[m.name]["data_flow"]}">')
+            if title.startswith("Architecture map"):
+                body.append(
+                    f"<details><summary><h3 style='display:inline'>{title}</h3></summary>{''.join(content)}</details>"
+                )
+            else:
+                body += [f"<h3>{html.escape(title)}</h3>", *content]
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mednets model report</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
+
+
+def write_model_report(
+    names: Sequence[str],
+    input_shape: Sequence[int],
+    out_dir: Path,
+    *,
+    batch_size: int = 1,
+    device: str = "cpu",
+    repeats: int = 3,
+) -> list[Path]:
+    """Measure each model and write `report.md`, `report.html` and `figures/*.png` into `out_dir`.
+
+    Returns:
+        The paths written: report.md, report.html.
+    """
+    if not names:
+        raise ConfigError("no model given", source="report", expected="one or more registered model names")
+    models = [measure_model(n, input_shape, batch_size=batch_size, device=device, repeats=repeats) for n in names]
+    out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    paths: dict[str, dict[str, str]] = {}
+    images: dict[str, dict[str, str]] = {}
+    for m in models:
+        paths[m.name], images[m.name] = {}, {}
+        for kind, figure in (
+            ("parameters", plot_parameter_breakdown(m.grouped_breakdown, m.total_params, m.name)),
+            ("data_flow", plot_data_flow([(s.name, s.output_shape) for s in m.stages], m.input_shape, m.name)),
+        ):
+            relative = f"figures/{m.name}_{kind}.png"
+            images[m.name][kind] = figure_to_base64(figure, out_dir / relative)
+            paths[m.name][kind] = relative
+    markdown, page = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(markdown, render_markdown(models, paths))
+    atomic_write_text(page, render_html(models, images))
+    return [markdown, page]
