@@ -1,0 +1,212 @@
+"""Metrics of every task, with one written convention for absent organs.
+
+Segmentation (per case and structure): Dice, HD95 and NSD through MONAI, in millimetres using the
+voxel spacing. The convention, used by losses, metrics and tests alike:
+
+- A structure present in the truth is scored by Dice, HD95 and NSD. If the prediction misses it
+  entirely, Dice and NSD are 0 and HD95 is the image diagonal in mm (the worst possible distance),
+  so a miss is penalised and never becomes NaN.
+- A structure absent from the truth has no Dice (there is nothing to overlap); it is scored by the
+  false-positive volume in mL that the prediction paints there (0 when nothing is painted).
+- Means are taken over the values that exist (Dice over present structures only); a mean over
+  nothing is `None`, never NaN.
+
+Presence detection: accuracy, F1 (of "present"), AUROC and expected calibration error from
+presence probabilities. Denoising: PSNR and SSIM on images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+from mednets.errors import InvalidInputError
+
+__all__ = [
+    "StructureScore",
+    "score_structures",
+    "mean_defined",
+    "presence_metrics",
+    "expected_calibration_error",
+    "psnr",
+    "ssim",
+]
+
+
+@dataclass(frozen=True)
+class StructureScore:
+    """Scores of one structure in one case (see the module docstring for the convention)."""
+
+    present_in_truth: bool
+    present_in_prediction: bool
+    dice: float | None
+    hd95_mm: float | None
+    nsd: float | None
+    false_positive_ml: float
+    predicted_volume_ml: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _binary(mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(mask)
+    return (tensor > 0).to(torch.uint8)[None, None]  # [1, 1, *S] for MONAI
+
+
+def score_structures(
+    prediction: np.ndarray | torch.Tensor,
+    truth: np.ndarray | torch.Tensor,
+    labels: Mapping[str, int],
+    spacing_mm: Sequence[float],
+    *,
+    nsd_tolerance_mm: float = 2.0,
+    min_voxels: int = 1,
+) -> dict[str, StructureScore]:
+    """Score every structure of a label map against the truth.
+
+    Args:
+        prediction: predicted label map `[*S]` (integer ids).
+        truth: reference label map `[*S]`.
+        labels: structure name -> label id (background excluded).
+        spacing_mm: voxel size along each axis of the label maps.
+        nsd_tolerance_mm: boundary tolerance of the normalised surface distance.
+        min_voxels: a structure with fewer truth voxels counts as absent.
+
+    Returns:
+        Structure name -> `StructureScore`.
+    """
+    prediction, truth = np.asarray(prediction), np.asarray(truth)
+    if prediction.shape != truth.shape:
+        raise InvalidInputError(
+            "prediction and truth differ in shape", source="prediction", expected=truth.shape, got=prediction.shape
+        )
+    if len(spacing_mm) != truth.ndim:
+        raise InvalidInputError(
+            "spacing has the wrong length", source="spacing_mm", expected=truth.ndim, got=spacing_mm
+        )
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    diagonal_mm = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(truth.shape, spacing_mm, strict=True))))
+    scores = {}
+    for name, label in labels.items():
+        predicted, reference = prediction == label, truth == label
+        n_predicted, n_reference = int(predicted.sum()), int(reference.sum())
+        in_truth, in_prediction = n_reference >= min_voxels, n_predicted > 0
+        dice = hd95 = nsd = None
+        if in_truth and in_prediction:
+            dice = 2.0 * float(np.logical_and(predicted, reference).sum()) / (n_predicted + n_reference)
+            hd95 = float(
+                compute_hausdorff_distance(
+                    _binary(predicted),
+                    _binary(reference),
+                    include_background=True,
+                    percentile=95,
+                    spacing=list(spacing_mm),
+                ).item()
+            )
+            nsd = float(
+                compute_surface_dice(
+                    _binary(predicted),
+                    _binary(reference),
+                    [nsd_tolerance_mm],
+                    include_background=True,
+                    spacing=list(spacing_mm),
+                ).item()
+            )
+        elif in_truth:
+            dice, hd95, nsd = 0.0, diagonal_mm, 0.0
+        scores[name] = StructureScore(
+            present_in_truth=in_truth,
+            present_in_prediction=in_prediction,
+            dice=dice,
+            hd95_mm=hd95,
+            nsd=nsd,
+            false_positive_ml=0.0 if in_truth else n_predicted * voxel_ml,
+            predicted_volume_ml=n_predicted * voxel_ml,
+        )
+    return scores
+
+
+def mean_defined(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None (and not NaN); None when there are none."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else None
+
+
+def expected_calibration_error(probabilities: Sequence[float], targets: Sequence[bool], bins: int = 10) -> float:
+    """ECE of binary probabilities: the bin-weighted gap between confidence and accuracy.
+
+    Confidence is the probability of the predicted class (`max(p, 1 - p)`), binned uniformly over [0.5, 1].
+    """
+    p = np.asarray(probabilities, dtype=float)
+    y = np.asarray(targets, dtype=bool)
+    if p.size == 0:
+        return 0.0
+    predicted = p >= 0.5
+    confidence = np.where(predicted, p, 1 - p)
+    correct = predicted == y
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            error += members.mean() * abs(confidence[members].mean() - correct[members].mean())
+    return float(error)
+
+
+def _auroc(probabilities: np.ndarray, targets: np.ndarray) -> float | None:
+    """Area under the ROC curve by the rank statistic (ties count half); None without both classes."""
+    positives, negatives = probabilities[targets], probabilities[~targets]
+    if positives.size == 0 or negatives.size == 0:
+        return None
+    greater = (positives[:, None] > negatives[None, :]).sum()
+    ties = (positives[:, None] == negatives[None, :]).sum()
+    return float((greater + 0.5 * ties) / (positives.size * negatives.size))
+
+
+def presence_metrics(
+    probabilities: Sequence[float], targets: Sequence[bool], threshold: float = 0.5
+) -> dict[str, float | None]:
+    """Accuracy, precision, recall and F1 of "present", AUROC and ECE of presence probabilities.
+
+    Values that are undefined for the data (F1 with no positives at all, AUROC with one class) are None.
+    """
+    p = np.asarray(probabilities, dtype=float)
+    y = np.asarray(targets, dtype=bool)
+    if p.shape != y.shape:
+        raise InvalidInputError("probabilities and targets differ in length", source="presence", got=(p.shape, y.shape))
+    predicted = p >= threshold
+    true_positive = int((predicted & y).sum())
+    precision = true_positive / predicted.sum() if predicted.sum() else None
+    recall = true_positive / y.sum() if y.sum() else None
+    f1 = None
+    if precision is not None and recall is not None:
+        f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return {
+        "accuracy": float((predicted == y).mean()) if p.size else None,
+        "precision": None if precision is None else float(precision),
+        "recall": None if recall is None else float(recall),
+        "f1": None if f1 is None else float(f1),
+        "auroc": _auroc(p, y),
+        "ece": expected_calibration_error(p, y),
+    }
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image of a `[B, C, H, W]` batch; `[B]`."""
+    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image of a `[B, C, H, W]` batch (MONAI, 11x11 gaussian window); `[B]`."""
+    from monai.metrics import SSIMMetric
+
+    metric = SSIMMetric(spatial_dims=2, data_range=data_range, reduction="none")
+    return metric(prediction.float(), target.float()).flatten()
