@@ -1,0 +1,260 @@
+"""Typed experiment configuration: YAML in (`yaml.safe_load`), dataclasses out, every key checked.
+
+An unknown key is an error naming its dotted path and the valid keys; `--set a.b=value` overrides
+parse `value` as YAML (`--set train.lr=3e-4`, `--set data.phantoms.shape=[96,96,96]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mednets.atomic import atomic_write_text
+from mednets.errors import ConfigError, UnknownNameError
+
+__all__ = [
+    "ModelConfig",
+    "PhantomConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "save_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Which registered model to build, with keyword overrides of its builder."""
+
+    name: str = "sadaan_fast"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PhantomConfig:
+    """The built-in phantom data set, generated when no dataset folder is given."""
+
+    n_train: int = 48
+    n_test: int = 16
+    shape: tuple[int, ...] = (64, 64, 64)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is prepared.
+
+    Attributes:
+        dataset: dataset folder (docs/dataset_format.md); None generates phantoms into the run folder.
+        phantoms: phantom settings used when `dataset` is None.
+        val_fraction: share of the training cases held out for validation (seeded split).
+        split_seed: seed of the split.
+        patch_size: patch size for patch-wise models; None feeds whole volumes resized to the model grid.
+        hu_window: intensity window (HU) mapped to [0, 1].
+        spacing_mm: resample to this spacing first; None keeps the data's spacing.
+        min_voxels: a structure with fewer voxels counts as absent.
+        augment: random flips (where anatomy allows), small rotations/scalings, intensity shifts.
+        num_workers: data-loader worker processes.
+        tile_size: tile size of 2D tasks.
+    """
+
+    dataset: str | None = None
+    phantoms: PhantomConfig = field(default_factory=PhantomConfig)
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    patch_size: tuple[int, ...] | None = None
+    hu_window: tuple[float, float] = (-200.0, 300.0)
+    spacing_mm: tuple[float, ...] | None = None
+    min_voxels: int = 10
+    augment: bool = True
+    num_workers: int = 0
+    tile_size: int = 128
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop.
+
+    Attributes:
+        max_steps: optimizer steps at most.
+        max_minutes: wall-clock budget; training stops (and validates, checkpoints) when it is spent.
+        batch_size: samples per step per process (before accumulation).
+        accumulation_steps: micro-batches per optimizer step.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps, then cosine decay to 0 at `max_steps`.
+        grad_clip: max global gradient norm (None: no clipping).
+        precision: "fp32", "bf16" (autocast, CPU and CUDA) or "fp16" (autocast + GradScaler, CUDA only).
+        channels_last: channels-last memory format for model and inputs.
+        gradient_checkpointing: recompute activations in the backward pass.
+        val_every: validate (and checkpoint) every this many steps.
+        best_metric: metric that picks the best checkpoint, e.g. "val/dice".
+        best_mode: "max" or "min".
+        seed: seed of everything random in the run.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+    """
+
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    batch_size: int = 2
+    accumulation_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+    precision: str = "bf16"
+    channels_last: bool = True
+    gradient_checkpointing: bool = False
+    val_every: int = 100
+    best_metric: str = "val/loss"
+    best_mode: str = "min"
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: model, data, loss settings and training loop."""
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "best_mode"): ("max", "min"),
+}
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """Convert YAML `value` to the type `annotation`, raising ConfigError naming `path`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, path)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError("must be a mapping", source=path, got=type(value).__name__)
+        return config_from_dict(value, annotation, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError("must be a list", source=path, got=value)
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_convert(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError("must be a mapping", source=path, got=value)
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError("has the wrong type", source=path, expected="float", got=repr(value)) from None
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError("has the wrong type", source=path, expected=annotation.__name__, got=repr(value))
+    return value
+
+
+def config_from_dict(data: dict[str, Any], cls: type = ExperimentConfig, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in names]
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise UnknownNameError("unknown config key", source=where, expected=f"one of {names}", got=unknown)
+    values = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        values[key] = _convert(value, hints[key], key_path)
+        choices = _CHOICES.get((path, key))
+        if choices and values[key] not in choices:
+            raise ConfigError("invalid value", source=key_path, expected=f"one of {list(choices)}", got=values[key])
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain YAML-ready data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (value parsed as YAML) to a config mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("override must look like key.path=value", source="--set", got=item)
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError("cannot set a key inside a non-mapping", source=dotted)
+        node[keys[-1]] = yaml.safe_load(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment config from YAML (or the defaults when `path` is None) and apply overrides.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown key, wrong type or invalid value; the message names the key.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as error:
+            raise ConfigError("config file not found", source=source) from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"invalid YAML: {error}", source=source) from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("must be a YAML mapping", source=source, got=type(loaded).__name__)
+        data = loaded or {}
+    apply_overrides(data, list(overrides or []))
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise type(error)(
+            error.message, source=f"{source}: {error.source}", expected=error.expected, got=error.got
+        ) from error
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML, atomically."""
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
