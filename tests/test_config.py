@@ -46,7 +46,7 @@ def test_overrides_parse_values_as_yaml() -> None:
 
 
 def test_malformed_override_and_bad_yaml_are_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "train: [unclosed\n"))
