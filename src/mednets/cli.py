@@ -31,7 +31,7 @@ _state = {"debug": False}
 
 # Options that take several numbers (`--input-size 3 256 256`). Click options have a fixed arity,
 # so `main` joins the numbers after such an option into one comma-separated value.
-MULTI_VALUE_OPTIONS = frozenset({"--input-size", "--shape", "--spacing"})
+MULTI_VALUE_OPTIONS = frozenset({"--input-size", "--shape", "--spacing", "--window"})
 
 
 def join_multi_value_options(argv: list[str]) -> list[str]:
@@ -128,6 +128,77 @@ def report_command(
     paths = write_model_report(models, shape, out, batch_size=batch_size, device=device, repeats=repeats)
     for path in paths:
         console.print(f"wrote {path}")
+
+
+@app.command("phantoms")
+def phantoms_command(
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (imagesTr/, labelsTr/, dataset.json).")],
+    n: Annotated[int, typer.Option("--n", help="Number of cases.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same bytes.")] = 0,
+    shape: Annotated[str, typer.Option("--shape", metavar="D H W", help="Array shape [z, y, x].")] = "64,64,64",
+    spacing: Annotated[
+        str | None,
+        typer.Option(
+            "--spacing", metavar="MM [MM MM]", help="Voxel size in mm (D H W, or one for all); default 320 mm / shape."
+        ),
+    ] = None,
+    absence_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--absence-rate",
+            help="Rate of each absence scenario: one number for all, or name=rate pairs, e.g. "
+            "splenectomy=0.3,truncated_top=0.1 (left_nephrectomy, right_nephrectomy, splenectomy, "
+            "cholecystectomy, truncated_top, truncated_bottom).",
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset in --out.")] = False,
+) -> None:
+    """Generate synthetic abdominal CT phantoms (13 organs, absent-organ scenarios) as a dataset folder."""
+    from mednets.data.phantoms import PhantomConfig, parse_absence_rates, write_phantom_dataset
+
+    spacing_mm = None
+    if spacing is not None:
+        values = parse_numbers(spacing, "--spacing", kind=float, counts=(1, 3))
+        spacing_mm = values * 3 if len(values) == 1 else values
+    config = PhantomConfig(
+        shape=parse_numbers(shape, "--shape", counts=(3,)),
+        spacing=spacing_mm,
+        absence_rates=parse_absence_rates(absence_rate),
+    )
+    root = write_phantom_dataset(out, n, seed, config, overwrite=overwrite)
+    console.print(f"wrote {n} phantoms to {root}")
+
+
+@app.command("convert-labels")
+def convert_labels_command(
+    source: Annotated[Path, typer.Option("--in", help="Label map to convert (any supported volume format).")],
+    target: Annotated[Path, typer.Option("--out", help="Converted label map to write (same geometry).")],
+    mapping: Annotated[
+        str,
+        typer.Option("--map", help="totalsegmentator, totalsegmentator_mr, or a JSON file {source id: organ name}."),
+    ] = "totalsegmentator",
+) -> None:
+    """Map another tool's label ids onto mednets' 13 abdominal organs, by organ name."""
+    from mednets.data.labels import convert_label_file
+
+    counts = convert_label_file(source, target, mapping)
+    console.print(f"wrote {target}: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+
+
+@app.command("show")
+def show_command(
+    path: Annotated[Path, typer.Argument(help="Volume file or DICOM folder to show.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+    labels: Annotated[Path | None, typer.Option("--labels", help="Label map to overlay (same grid).")] = None,
+    window: Annotated[
+        str, typer.Option("--window", metavar="LOW HIGH", help="Display window, e.g. -160 240 (HU).")
+    ] = "-160,240",
+) -> None:
+    """Write three orthogonal slices with the labels overlaid and a colour legend by organ name."""
+    from mednets.data.preview import show
+
+    low, high = parse_numbers(window, "--window", kind=float, counts=(2,))
+    console.print(f"wrote {show(path, out, labels=labels, window=(low, high))}")
 
 
 def main(argv: list[str] | None = None) -> int:

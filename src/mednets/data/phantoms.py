@@ -1,0 +1,781 @@
+"""Synthetic abdominal CT: the 13 BTCV organs inside a body, in Hounsfield units, with absent organs on demand.
+
+The phantom is the built-in data of mednets (demo, tests, benchmarks). It is drawn, not simulated:
+every structure is an implicit shape (ellipsoid, tube along a polyline, shell) evaluated on smoothly
+deformed patient coordinates, painted in anatomical order, then blurred (partial volume) and noised.
+
+Patient coordinates are millimetres in LPS+ (x to the patient's left, y posterior, z superior),
+centred on the first lumbar vertebra. The array is ``[D, H, W] = [z, y, x]`` with ``d`` increasing
+superiorly, ``h`` posteriorly and ``w`` to the patient's left, so an axial slice shown with
+``imshow`` is in the radiological convention; the RAS affine is ``diag(-sx, -sy, sz)`` (orientation
+code ``"LPS"``).
+
+Intensities (contrast-enhanced, portal venous phase): air -1000, lung about -850, fat about -100,
+muscle about 50, liver 60, spleen 50, pancreas 45, adrenals 40, gallbladder bile 10, kidney cortex
+about 160 above medulla about 95, aorta 200, portal/splenic vein 175, inferior vena cava 155, bone
+about 250 (cancellous) to 700 (cortex). Sizes follow typical adult volumes (`mednets.anatomy`).
+
+Absence scenarios (each drawn with its own rate): left or right nephrectomy, splenectomy,
+cholecystectomy (a surgical clip stays), and a field of view truncated at the top or the bottom,
+which removes some organs and cuts others. Every organ is recorded present (>= `min_voxels`
+voxels) or absent with the reason; organs left with fewer voxels than that by truncation are erased
+from the label map so the record and the labels always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from mednets import anatomy
+from mednets.atomic import atomic_write_text
+from mednets.data.dataset import DEFAULT_MIN_VOXELS
+from mednets.errors import ConfigError, UnknownNameError
+
+__all__ = [
+    "DEFAULT_ABSENCE_RATES",
+    "SCENARIOS",
+    "Phantom",
+    "PhantomConfig",
+    "generate_phantom",
+    "parse_absence_rates",
+    "write_phantom_dataset",
+]
+
+# Scenario -> (organs it removes, reason written into dataset.json).
+SCENARIOS: dict[str, tuple[tuple[str, ...], str]] = {
+    "left_nephrectomy": (("left_kidney",), "left nephrectomy"),
+    "right_nephrectomy": (("right_kidney",), "right nephrectomy"),
+    "splenectomy": (("spleen",), "splenectomy"),
+    "cholecystectomy": (("gallbladder",), "cholecystectomy"),
+    "truncated_top": ((), "outside the field of view (truncated at the top)"),
+    "truncated_bottom": ((), "outside the field of view (truncated at the bottom)"),
+}
+DEFAULT_ABSENCE_RATES: dict[str, float] = {
+    "left_nephrectomy": 0.1,
+    "right_nephrectomy": 0.1,
+    "splenectomy": 0.1,
+    "cholecystectomy": 0.15,
+    "truncated_top": 0.1,
+    "truncated_bottom": 0.1,
+}
+DEFAULT_FOV_MM = 320.0  # 64 voxels of 5 mm: diaphragm domes to iliac crests with margin
+_ID = {o.name: o.id for o in anatomy.ORGANS}
+_P = 2.6  # superellipse exponent of body sections: the abdomen is a rounded rectangle
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """How phantoms are drawn.
+
+    Attributes:
+        shape: array shape ``(D, H, W)``.
+        spacing: voxel size in mm ``(D, H, W)``; None gives a 320 mm field of view on every axis
+            (5 mm at the default 64 voxels).
+        absence_rates: probability of each scenario of `SCENARIOS` per case.
+        noise_hu: standard deviation of the image noise in HU.
+        min_voxels: an organ with fewer voxels is recorded absent and erased from the labels.
+    """
+
+    shape: tuple[int, int, int] = (64, 64, 64)
+    spacing: tuple[float, float, float] | None = None
+    absence_rates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ABSENCE_RATES))
+    noise_hu: float = 12.0
+    min_voxels: int = DEFAULT_MIN_VOXELS
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            raise ConfigError("phantom shape must be 3 sizes of at least 8", source="shape", got=self.shape)
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ConfigError("spacing must be 3 positive sizes in mm", source="spacing", got=self.spacing)
+        for name, rate in self.absence_rates.items():
+            if name not in SCENARIOS:
+                raise UnknownNameError(
+                    "unknown absence scenario", source="absence_rates", expected=", ".join(SCENARIOS), got=name
+                )
+            if not 0.0 <= float(rate) <= 1.0:
+                raise ConfigError("absence rate must be in [0, 1]", source=f"absence_rates.{name}", got=rate)
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        if self.spacing is not None:
+            return tuple(float(s) for s in self.spacing)  # type: ignore[return-value]
+        return tuple(DEFAULT_FOV_MM / n for n in self.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class Phantom:
+    """One generated case.
+
+    Attributes:
+        image: int16 HU ``[D, H, W]``.
+        labels: uint8 organ ids ``[D, H, W]`` (`mednets.anatomy` numbering).
+        affine: 4x4 RAS affine (index ``(w, h, d)`` to mm).
+        scenarios: the absence scenarios applied.
+        absent: {organ name: reason} for every organ without voxels.
+        cut: {organ name: reason} for present organs touching the top or bottom slice.
+        info: drawing parameters (size factor, field-of-view shift) for the record.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    scenarios: list[str]
+    absent: dict[str, str]
+    cut: dict[str, str]
+    info: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        """The case's entry in dataset.json ``cases``."""
+        return {"scenarios": self.scenarios, "absent": self.absent, "cut": self.cut, **self.info}
+
+
+def parse_absence_rates(text: str | float | dict[str, float] | None) -> dict[str, float]:
+    """Absence rates from a number (every scenario), ``"name=rate,name=rate"`` (others keep defaults) or a dict."""
+    if text is None:
+        return dict(DEFAULT_ABSENCE_RATES)
+    if isinstance(text, dict):
+        return {**DEFAULT_ABSENCE_RATES, **{k: float(v) for k, v in text.items()}}
+    if isinstance(text, int | float):
+        return dict.fromkeys(SCENARIOS, float(text))
+    text = str(text).strip()
+    try:
+        return dict.fromkeys(SCENARIOS, float(text))
+    except ValueError:
+        pass
+    rates = dict(DEFAULT_ABSENCE_RATES)
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError("absence rates are a number or name=rate pairs", source="--absence-rate", got=text)
+        if name not in SCENARIOS:
+            raise UnknownNameError(
+                "unknown absence scenario", source="--absence-rate", expected=", ".join(SCENARIOS), got=name
+            )
+        try:
+            rates[name] = float(value)
+        except ValueError as error:
+            raise ConfigError("absence rate must be a number", source=f"--absence-rate {name}", got=value) from error
+    return rates
+
+
+class _Canvas:
+    """Deformed patient coordinates, the HU image and the label map being painted."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        spacing: tuple[float, float, float],
+        z_offset: float,
+        rng: np.random.Generator,
+    ):
+        self.shape = shape
+        self.spacing = spacing
+        self.axes = [  # undeformed mm coordinates of each index axis (z, y, x), centred on the field of view
+            (np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * s + (z_offset if i == 0 else 0.0)
+            for i, (n, s) in enumerate(zip(shape, spacing, strict=True))
+        ]
+        self.z, self.y, self.x = self._deformed(rng)
+        self.hu = np.full(shape, -1000.0, dtype=np.float32)
+        self.labels = np.zeros(shape, dtype=np.uint8)
+        self.margin = 14.0  # mm: the largest displacement plus a voxel, for bounding boxes
+
+    def _deformed(self, rng: np.random.Generator) -> list[np.ndarray]:
+        # Smooth random deformation: a few low-frequency sine modes per axis (wavelengths 150-450 mm,
+        # amplitudes up to ~7 mm): organs bend and bulge without tearing, cheaply.
+        grids = np.meshgrid(*self.axes, indexing="ij", copy=False)
+        out = []
+        for axis in range(3):
+            displacement = np.zeros(self.shape, dtype=np.float32)
+            for _ in range(3):
+                direction = rng.normal(size=3)
+                direction /= np.linalg.norm(direction)
+                wavelength = rng.uniform(150.0, 450.0)
+                phase = rng.uniform(0, 2 * math.pi)
+                k = (2 * math.pi / wavelength) * direction
+                argument = (
+                    (k[0] * self.axes[0])[:, None, None]
+                    + (k[1] * self.axes[1])[None, :, None]
+                    + (k[2] * self.axes[2])[None, None, :]
+                )
+                displacement += np.float32(rng.uniform(1.5, 4.0)) * np.sin(argument + phase, dtype=np.float32)
+            out.append((grids[axis] + displacement).astype(np.float32))
+        return out
+
+    def box(self, low: np.ndarray, high: np.ndarray) -> tuple[slice, slice, slice]:
+        """Index slices covering the mm box [low, high] (z, y, x) plus the deformation margin."""
+        slices = []
+        for axis in range(3):
+            coords = self.axes[axis]
+            inside = np.nonzero((coords >= low[axis] - self.margin) & (coords <= high[axis] + self.margin))[0]
+            if inside.size == 0:
+                return (slice(0, 0),) * 3  # empty: shapes outside the field of view paint nothing
+            slices.append(slice(int(inside[0]), int(inside[-1]) + 1))
+        return tuple(slices)  # type: ignore[return-value]
+
+    def coords(self, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.z[box], self.y[box], self.x[box]
+
+    def ellipsoid(self, center, semi, rotation: np.ndarray | None = None):
+        """(box, q) with q = squared normalised radius (<= 1 inside) of an ellipsoid given as (z, y, x) mm."""
+        center = np.asarray(center, dtype=np.float32)
+        semi = np.asarray(semi, dtype=np.float32)
+        reach = float(semi.max())
+        box = self.box(center - reach, center + reach)
+        z, y, x = self.coords(box)
+        dz, dy, dx = z - center[0], y - center[1], x - center[2]
+        if rotation is not None:
+            r = rotation.astype(np.float32)
+            dz, dy, dx = (r[0, 0] * dz + r[0, 1] * dy + r[0, 2] * dx, r[1, 0] * dz + r[1, 1] * dy + r[1, 2] * dx,
+                          r[2, 0] * dz + r[2, 1] * dy + r[2, 2] * dx)  # fmt: skip
+        return box, (dz / semi[0]) ** 2 + (dy / semi[1]) ** 2 + (dx / semi[2]) ** 2
+
+    def tube(self, points, radii):
+        """(box, m, r) of a tube along a polyline: m = distance / local radius (<= 1 inside), r = local radius (mm)."""
+        points = np.asarray(points, dtype=np.float32)
+        radii = np.asarray(radii, dtype=np.float32)
+        box = self.box(points.min(0) - radii.max(), points.max(0) + radii.max())
+        z, y, x = self.coords(box)
+        best = np.full(z.shape, np.inf, dtype=np.float32)
+        best_radius = np.zeros(z.shape, dtype=np.float32)
+        for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:], strict=True):
+            ab = b - a
+            length2 = float(ab @ ab) or 1e-6
+            t = np.clip(((z - a[0]) * ab[0] + (y - a[1]) * ab[1] + (x - a[2]) * ab[2]) / length2, 0.0, 1.0)
+            distance = np.sqrt((z - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (x - a[2] - t * ab[2]) ** 2)
+            radius = ra + t * (rb - ra)
+            metric = distance / radius
+            closer = metric < best
+            best = np.where(closer, metric, best)
+            best_radius = np.where(closer, radius, best_radius)
+        return box, best, best_radius
+
+    def paint(self, box, mask, hu, label: int | None = None, allowed: np.ndarray | None = None) -> None:
+        """Set HU (a number or an array over the box) and optionally the label where `mask` (and `allowed`) hold."""
+        if allowed is not None:
+            mask = mask & allowed[box]
+        region = self.hu[box]
+        region[mask] = hu[mask] if isinstance(hu, np.ndarray) else hu
+        if label is not None:
+            self.labels[box][mask] = label
+
+
+def _rotation(axis: str, degrees: float) -> np.ndarray:
+    """Rotation matrix acting on (z, y, x) vectors about one patient axis."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    if axis == "z":  # in the axial (y, x) plane
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":  # in the coronal (z, x) plane
+        return np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])  # "x": in the sagittal (z, y) plane
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Unit-variance Gaussian noise smoothed over `sigma` voxels (texture and correlated CT noise)."""
+    field_ = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
+    return field_ / max(float(field_.std()), 1e-6)
+
+
+def _coarse_noise(rng: np.random.Generator, shape: tuple[int, ...], cell_mm: float, spacing) -> np.ndarray:
+    """Unit-variance smooth noise with blobs about `cell_mm` wide (bowel loops), by upsampling a small grid."""
+    small = tuple(max(2, round(n * s / cell_mm) + 1) for n, s in zip(shape, spacing, strict=True))
+    grid = rng.standard_normal(small).astype(np.float32)
+    zoomed = ndimage.zoom(
+        grid, [n / m for n, m in zip(shape, small, strict=True)], order=1, mode="nearest", grid_mode=True
+    )
+    zoomed = zoomed[: shape[0], : shape[1], : shape[2]]
+    return (zoomed - zoomed.mean()) / max(float(zoomed.std()), 1e-6)
+
+
+def _draw_scenarios(rng: np.random.Generator, rates: dict[str, float]) -> list[str]:
+    chosen = [name for name in SCENARIOS if rng.random() < rates.get(name, 0.0)]
+    # One patient keeps at least one kidney, and a scan is truncated at one end at most.
+    for a, b in (("left_nephrectomy", "right_nephrectomy"), ("truncated_top", "truncated_bottom")):
+        if a in chosen and b in chosen:
+            chosen.remove(b if rng.random() < 0.5 else a)
+    return chosen
+
+
+def generate_phantom(seed: int, config: PhantomConfig | None = None, *, case_index: int = 0) -> Phantom:
+    """Draw one abdominal CT phantom.
+
+    Args:
+        seed: dataset seed; with `case_index` it fixes every random choice (same inputs, same bytes).
+        config: shape, spacing, absence rates, noise.
+        case_index: index of the case in its dataset (cases are independent of how many are drawn).
+
+    Returns:
+        The `Phantom` (image ``[D, H, W]`` int16 HU, labels ``[D, H, W]`` uint8).
+    """
+    config = config or PhantomConfig()
+    rng = np.random.default_rng([int(seed), int(case_index)])
+    shape = tuple(int(n) for n in config.shape)
+    spacing = config.spacing_mm
+    scenarios = _draw_scenarios(rng, config.absence_rates)
+    removed = {organ: SCENARIOS[s][1] for s in scenarios for organ in SCENARIOS[s][0]}
+
+    fov_z = shape[0] * spacing[0]
+    z_offset = float(rng.uniform(-12.0, 12.0))  # ordinary variation of where the scan starts
+    # Truncation shifts the scan range: from the top it loses the oesophagus, adrenals and the upper
+    # spleen and liver; from the bottom the kidneys, gallbladder and pancreatic head go first.
+    if "truncated_top" in scenarios:
+        z_offset -= float(rng.uniform(0.25, 0.5)) * fov_z
+    if "truncated_bottom" in scenarios:
+        z_offset += float(rng.uniform(0.3, 0.6)) * fov_z
+    canvas = _Canvas(shape, spacing, z_offset, rng)
+    size = float(rng.uniform(0.88, 1.08))  # in-plane patient size
+    height = float(rng.uniform(0.92, 1.08))  # craniocaudal organ extent
+    fat_mm = float(rng.uniform(8.0, 35.0))  # subcutaneous fat thickness: lean to obese
+    visceral = float(rng.uniform(0.2, 0.8))  # fraction of the abdominal cavity that is fat, not bowel
+    fine = _smooth_noise(rng, shape, 1.0)
+    coarse = _coarse_noise(rng, shape, 45.0, spacing)
+    loops = _coarse_noise(rng, shape, 28.0, spacing)
+    _draw_body(canvas, rng, size, height, fat_mm, visceral, fine, coarse, loops)
+    _draw_organs(canvas, rng, size, height, removed, fine)
+
+    # Partial-volume blur then correlated noise, as a CT reconstruction kernel would give.
+    image = ndimage.gaussian_filter(canvas.hu, 0.6)
+    image += np.float32(config.noise_hu) * _smooth_noise(rng, shape, 0.5)
+    image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
+
+    absent, cut = _bookkeeping(canvas.labels, removed, scenarios, config.min_voxels)
+    sz, sy, sx = spacing
+    affine = np.diag([-sx, -sy, sz, 1.0])
+    affine[:3, 3] = [(shape[2] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[0] - 1) / 2 * sz + z_offset]
+    info = {"size_factor": round(size, 4), "subcutaneous_fat_mm": round(fat_mm, 2), "fov_shift_mm": round(z_offset, 2)}
+    return Phantom(image, canvas.labels, affine, scenarios, absent, cut, info)
+
+
+def _bookkeeping(labels: np.ndarray, removed: dict[str, str], scenarios: list[str], min_voxels: int):
+    counts = np.bincount(labels.ravel(), minlength=len(anatomy.ORGANS) + 1)
+    top = np.bincount(labels[-1].ravel(), minlength=counts.size)
+    bottom = np.bincount(labels[0].ravel(), minlength=counts.size)
+    if "truncated_top" in scenarios:
+        fov_reason = SCENARIOS["truncated_top"][1]
+    elif "truncated_bottom" in scenarios:
+        fov_reason = SCENARIOS["truncated_bottom"][1]
+    else:
+        fov_reason = "outside the field of view"
+    absent: dict[str, str] = {}
+    cut: dict[str, str] = {}
+    for o in anatomy.ORGANS:
+        if o.name in removed:
+            absent[o.name] = removed[o.name]
+        elif counts[o.id] < min_voxels:
+            absent[o.name] = fov_reason
+            if counts[o.id]:
+                labels[labels == o.id] = 0  # a sliver below min_voxels is recorded absent, so it is erased
+        elif top[o.id] or bottom[o.id]:
+            cut[o.name] = "cut by the field of view at the " + ("top" if top[o.id] else "bottom")
+    return absent, cut
+
+
+def _draw_body(
+    canvas: _Canvas, rng, size: float, height: float, fat_mm: float, visceral: float, fine, coarse, loops
+) -> None:
+    z, y, x = canvas.z, canvas.y, canvas.x
+    # Body cross-section: an ellipse, flatter at the back (the patient lies on the table), wider at the pelvis.
+    width = 118.0 * size * (1.0 + 0.06 * np.clip(-(z + 80.0) / 150.0, 0, 1))
+    front, back = 92.0 * size, 88.0 * size
+    cy = 10.0 * size
+    depth = np.where(y < cy, front, back)
+
+    def ellipse(shrink_x: float, shrink_front: float, shrink_back: float) -> np.ndarray:
+        d = np.where(y < cy, front - shrink_front, back - shrink_back)
+        return (np.abs(x / (width - shrink_x)) ** _P + np.abs((y - cy) / d) ** _P).astype(np.float32)
+
+    fat_front, fat_side, fat_back = fat_mm, fat_mm * 0.9, fat_mm * 0.45
+    outer = (
+        np.abs(x / (width + fat_side)) ** _P + np.abs((y - cy) / (depth + np.where(y < cy, fat_front, fat_back))) ** _P
+    )
+    skin = outer <= 1.0
+    canvas.hu[skin] = 30.0
+    sub = (
+        np.abs(x / (width + fat_side - 3.0)) ** _P
+        + np.abs((y - cy) / (depth + np.where(y < cy, fat_front, fat_back) - 3.0)) ** _P
+        <= 1.0
+    )
+    canvas.hu[sub] = -105.0 + 8.0 * fine[sub]
+    muscle_wall = ellipse(0.0, 0.0, 0.0) <= 1.0
+    canvas.hu[muscle_wall] = 48.0 + 5.0 * fine[muscle_wall]
+    cavity = ellipse(14.0 * size, 12.0 * size, 14.0 * size) <= 1.0
+    canvas.cavity = cavity  # organs are clipped to it
+
+    # Diaphragm: two domes, lower at the back (posterior recesses) and sides; lungs above, abdomen below.
+    diaphragm = np.maximum(
+        (118.0 * height) - ((x + 55.0 * size) ** 2 + (y - 0.0) ** 2 + 0.6 * np.maximum(y, 0) ** 2) / 230.0,
+        (108.0 * height) - ((x - 60.0 * size) ** 2 + (y - 10.0) ** 2 + 0.6 * np.maximum(y, 0) ** 2) / 230.0,
+    )
+    canvas.diaphragm = diaphragm
+    abdomen = cavity & (z < diaphragm)
+    thorax = cavity & (z >= diaphragm + 6.0)
+    canvas.abdomen = abdomen
+    # Visceral fat with bowel loops (soft tissue walls, fluid, gas) below the liver and stomach.
+    # Bowel lies in the peritoneal cavity, in front of the retroperitoneum (kidneys sit in fat).
+    # Loops are the band around a level set of smooth noise: in a slice they curve like bowel in cross-section.
+    intraperitoneal = abdomen & (z < 35.0 * height) & (y < 20.0 * size + 8.0 * coarse)
+    bowel = intraperitoneal & (np.abs(loops) < 0.15 + 0.3 * (1.0 - visceral))
+    canvas.hu[abdomen] = -95.0 + 10.0 * fine[abdomen]
+    mesenteric_vessels = intraperitoneal & (fine > 2.3)  # small enhancing vessels dotted through the fat
+    canvas.hu[mesenteric_vessels] = 140.0
+    canvas.hu[bowel] = np.where(np.abs(loops[bowel]) < 0.12, 12.0, 42.0) + 8.0 * fine[bowel]  # fluid inside the wall
+    gas = bowel & (fine > 2.0) & (coarse > 0.0)
+    canvas.hu[gas] = -850.0
+    # Colon frame: ascending (right), transverse (front), descending (left), with mottled gas and stool.
+    h = height
+    colon = [(-150 * h, 30, -95 * size), (-10 * h, 20, -100 * size), (10 * h, -30, -85 * size), (-5 * h, -62 * size, -20),
+             (20 * h, -55 * size, 50), (45 * h, -5, 90 * size), (0, 30, 100 * size), (-150 * h, 30, 95 * size)]  # fmt: skip
+    box, m, _ = canvas.tube(colon, [22.0] * len(colon))
+    if box is not None:
+        inside = m <= 1.0
+        stool = np.where(fine[box] > 0.8, -900.0, -40.0 + 30.0 * fine[box]).astype(np.float32)
+        canvas.paint(box, inside, stool, allowed=abdomen)
+        canvas.paint(box, (m > 0.82) & inside, 40.0, allowed=abdomen)
+    # Lungs with a few vessels, heart on the central tendon.
+    canvas.hu[thorax] = -860.0 + 25.0 * fine[thorax]
+    canvas.hu[thorax & (fine > 2.0)] = -350.0
+    canvas.hu[cavity & (z >= diaphragm) & (z < diaphragm + 6.0)] = 45.0
+    box, q = canvas.ellipsoid((175.0 * h, -30.0 * size, 12.0 * size), (60.0 * h, 55.0 * size, 68.0 * size))
+    if box is not None:
+        heart = (q <= 1.0) & (z[box] > diaphragm[box] + 3.0)
+        canvas.paint(box, heart & (q > 0.75), 65.0)
+        canvas.paint(box, heart & (q <= 0.75), 135.0 + 5 * fine[box])
+    # Pelvis at the bottom: bladder, sacrum, iliac wings, femoral heads.
+    box, q = canvas.ellipsoid((-245.0 * h, -45.0 * size, 0.0), (40.0, 40.0 * size, 55.0 * size))
+    canvas.paint(box, q <= 1.0, 10.0, allowed=cavity)
+    box, q = canvas.ellipsoid((-200.0 * h, 70.0 * size, 0.0), (60.0, 22.0 * size, 45.0 * size))
+    canvas.paint(box, q <= 1.0, 320.0)
+    for side in (-1.0, 1.0):
+        box, q = canvas.ellipsoid((-185.0 * h, 35.0 * size, side * 80.0 * size), (55.0, 55.0 * size, 40.0 * size))
+        if box is not None:
+            plate = (q <= 1.0) & (q >= 0.72) & (y[box] > 0.0)
+            canvas.paint(box, plate, 420.0)
+        box, q = canvas.ellipsoid((-270.0 * h, 5.0 * size, side * 88.0 * size), (24.0, 24.0, 24.0))
+        canvas.paint(box, q <= 1.0, 380.0)
+    _draw_spine_and_ribs(canvas, size, height, fine, cavity, muscle_wall, diaphragm)
+
+
+def _draw_spine_and_ribs(canvas: _Canvas, size: float, height: float, fine, cavity, muscle_wall, diaphragm) -> None:
+    z, y, x = canvas.z, canvas.y, canvas.x
+    spine_y = 52.0 * size
+    # Paraspinal and psoas muscles first, bone on top.
+    muscles = np.zeros(canvas.shape, dtype=bool)
+    for side in (-1.0, 1.0):
+        paraspinal = ((x - side * 33.0 * size) / (24.0 * size)) ** 2 + ((y - 86.0 * size) / (17.0 * size)) ** 2 <= 1.0
+        region = paraspinal & muscle_wall
+        canvas.hu[region] = 50.0 + 5.0 * fine[region]
+        depth = np.clip((20.0 - z) / 140.0, 0.0, 1.0)  # psoas grows from L1 downwards
+        radius = 26.0 * size * depth
+        psoas = ((x - side * (30.0 + 22.0 * depth) * size) ** 2 + (y - (48.0 - 12.0 * depth) * size) ** 2) <= radius**2
+        psoas &= cavity
+        canvas.hu[psoas] = 50.0 + 5.0 * fine[psoas]
+        muscles |= paraspinal | psoas
+    phase = np.mod((z + 8.0) / (34.0 * height), 1.0)  # position within one vertebra + disc
+    body = (x / (21.0 * size)) ** 2 + ((y - spine_y) / (16.0 * size)) ** 2
+    vertebra = body <= 1.0
+    disc = vertebra & (phase < 0.2)
+    canvas.hu[vertebra] = np.where(body[vertebra] > 0.62, 650.0, 220.0 + 25.0 * fine[vertebra])
+    canvas.hu[disc] = 85.0
+    canal_r = np.sqrt(x**2 + (y - (spine_y + 28.0 * size)) ** 2)
+    arch = (canal_r > 10.0 * size) & (canal_r < 17.0 * size) & (y > spine_y + 14.0 * size) & (phase > 0.25)
+    canvas.hu[canal_r <= 10.0 * size] = 15.0
+    canvas.hu[arch] = 480.0
+    spinous = (
+        (np.abs(x) < 5.0) & (y > spine_y + 40.0 * size) & (y < spine_y + 62.0 * size) & (phase > 0.35) & (phase < 0.85)
+    )
+    transverse = (
+        (np.abs(np.abs(x) - 32.0 * size) < 12.0 * size)
+        & (np.abs(y - spine_y - 26.0 * size) < 4.5)
+        & (phase > 0.4)
+        & (phase < 0.75)
+        & (z < 40.0)
+    )
+    canvas.hu[spinous | transverse] = 480.0
+    canvas.forbidden = vertebra | (canal_r < 17.0 * size) | muscles
+    # Ribs: slanted bands in the body wall, down to the costal margin (low at the back, high in front).
+    cavity_metric = (
+        np.abs(x / (104.0 * size)) ** _P
+        + np.abs((y - 10.0 * size) / (np.where(y < 10.0 * size, 80.0, 74.0) * size)) ** _P
+    )
+    ring = (cavity_metric > 1.02) & (cavity_metric < 1.2) & muscle_wall
+    sin_theta = np.clip((y - 10.0 * size) / np.maximum(np.sqrt(x**2 + (y - 10.0 * size) ** 2), 1.0), -1.0, 1.0)
+    costal_margin = (-35.0 + 135.0 * ((1.0 - sin_theta) / 2.0) ** 2) * height
+    # Each rib descends from the spine round to the front: its height falls with the arc from the back.
+    arc_mm = np.arccos(sin_theta) * 110.0 * size
+    rib_phase = np.mod((z + 0.38 * arc_mm) / (30.0 * height), 1.0)
+    ribs = ring & (z > costal_margin) & (rib_phase < 0.26) & ~((np.abs(x) < 30.0 * size) & (y > 40.0 * size))
+    canvas.hu[ribs] = np.where(sin_theta[ribs] < -0.85, 160.0, 560.0)  # cartilage in front, bone elsewhere
+
+
+def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict[str, str], fine) -> None:
+    s, h = size, height
+    z, y, _x = canvas.z, canvas.y, canvas.x
+    allowed = canvas.abdomen & ~canvas.forbidden
+
+    def jitter(point, amount: float = 6.0):
+        return np.asarray(point, dtype=np.float32) + rng.normal(0.0, amount, 3).astype(np.float32)
+
+    def scale(base: float = 0.1) -> float:
+        return float(np.clip(rng.normal(1.0, base), 0.8, 1.2))
+
+    def draw(name: str) -> bool:
+        return name not in removed
+
+    # Liver: right lobe + left lobe, under the right dome; hepatic veins bright inside it.
+    k = scale()
+    right_lobe = jitter((48.0 * h, 5.0 * s, -58.0 * s))
+    box, q = canvas.ellipsoid(right_lobe, np.array([76.0 * h, 86.0 * s, 84.0 * s]) * k, _rotation("y", -12.0))
+    liver_mask = np.zeros(canvas.shape, dtype=bool)
+    if box is not None:
+        liver_mask[box] |= q <= 1.0
+    box, q = canvas.ellipsoid(
+        jitter((72.0 * h, -42.0 * s, 10.0 * s)), np.array([34.0 * h, 36.0 * s, 62.0 * s]) * k, _rotation("z", 12.0)
+    )
+    if box is not None:
+        liver_mask[box] |= q <= 1.0
+    liver_mask &= allowed & (z < canvas.diaphragm - 2.0)
+    canvas.hu[liver_mask] = 60.0 + 5.0 * fine[liver_mask]
+    canvas.labels[liver_mask] = _ID["liver"]
+    hepatic = canvas.labels == _ID["liver"]
+    for end in ((70.0 * h, -10.0 * s, -95.0 * s), (80.0 * h, -45.0 * s, -40.0 * s), (90.0 * h, -40.0 * s, 15.0 * s)):
+        box, m, _ = canvas.tube([(105.0 * h, 15.0 * s, -25.0 * s), end], [5.0, 3.5])
+        if box is not None:
+            canvas.paint(box, m <= 1.0, 150.0, allowed=hepatic)
+
+    # Spleen: posterior left, long axis along the ribs.
+    if draw("spleen"):
+        k = scale()
+        box, q = canvas.ellipsoid(
+            jitter((50.0 * h, 46.0 * s, 80.0 * s)), np.array([56.0 * h, 52.0 * s, 26.0 * s]) * k, _rotation("z", 40.0)
+        )
+        canvas.paint(box, q <= 1.0, 50.0 + 4.0 * fine[box], _ID["spleen"], allowed & (z < canvas.diaphragm - 2.0))
+
+    # Esophagus: down the mediastinum to the gastro-oesophageal junction.
+    box, m, _ = canvas.tube(
+        [
+            (320.0, 28.0 * s, 5.0),
+            (130.0 * h, 22.0 * s, 12.0 * s),
+            (98.0 * h, 14.0 * s, 28.0 * s),
+            (86.0 * h, 12.0 * s, 40.0 * s),
+        ],
+        [9.0, 9.0, 9.0, 9.0],
+    )
+    if box is not None:
+        canvas.paint(box, m <= 1.0, np.where(m < 0.3, -700.0, 45.0).astype(np.float32), _ID["esophagus"], canvas.cavity)
+
+    # Stomach: fundus under the left dome, body, antrum crossing to the pylorus; wall, fluid, gas on top.
+    k = scale()
+    stomach = [
+        jitter(p, 4.0)
+        for p in (
+            (92.0 * h, 20.0 * s, 48.0 * s),
+            (62.0 * h, -18.0 * s, 64.0 * s),
+            (34.0 * h, -45.0 * s, 45.0 * s),
+            (20.0 * h, -55.0 * s, 5.0 * s),
+            (22.0 * h, -40.0 * s, -22.0 * s),
+        )
+    ]
+    box, m, radius = canvas.tube(stomach, np.array([36.0, 34.0, 28.0, 20.0, 12.0]) * k)
+    if box is not None:
+        inside = (m <= 1.0) & allowed[box] & (z[box] < canvas.diaphragm[box] - 2.0)
+        ys = y[box][inside]
+        gas_level = float(ys.min() + rng.uniform(0.1, 0.35) * (ys.max() - ys.min())) if ys.size else 0.0
+        wall = m > 1.0 - 5.0 / np.maximum(radius, 1.0)
+        contents = np.where(y[box] < gas_level, -950.0, 18.0 + 8.0 * fine[box])
+        canvas.paint(box, inside, np.where(wall, 68.0, contents).astype(np.float32), _ID["stomach"])
+
+    # Pancreas: head in the duodenal C-loop, neck, body over the aorta, tail to the splenic hilum; lobulated.
+    k = scale()
+    pancreas = [
+        jitter(p, 4.0)
+        for p in (
+            (-5.0 * h, -8.0 * s, -32.0 * s),
+            (12.0 * h, -24.0 * s, -8.0 * s),
+            (22.0 * h, -12.0 * s, 28.0 * s),
+            (40.0 * h, 18.0 * s, 62.0 * s),
+        )
+    ]
+    box, m, _ = canvas.tube(pancreas, np.array([18.0, 13.0, 13.0, 11.0]) * k)
+    if box is not None:
+        lobules = np.where(fine[box] < -1.3, -40.0, 45.0 + 6.0 * fine[box]).astype(np.float32)
+        canvas.paint(box, m <= 1.0, lobules, _ID["pancreas"], allowed)
+
+    # Kidneys: cortex brighter than medulla, sinus fat at the hilum; upper poles medial and posterior.
+    for name, side, zc in (("right_kidney", -1.0, -22.0), ("left_kidney", 1.0, -6.0)):
+        if not draw(name):
+            continue
+        k = scale(0.08)
+        center = jitter((zc * h, 56.0 * s, side * 66.0 * s), 5.0)
+        rotation = _rotation("z", side * 30.0) @ _rotation("y", side * 14.0)
+        box, q = canvas.ellipsoid(center, np.array([55.0 * h, 23.0 * s, 28.0 * s]) * k, rotation)
+        if box is None:
+            continue
+        tissue = np.where(q > 0.5, 175.0, 85.0).astype(np.float32) + 4.0 * fine[box]
+        sinus_box, sinus_q = canvas.ellipsoid(
+            center + np.array([0.0, -6.0 * s, -side * 16.0 * s]), (22.0 * h, 9.0 * s, 10.0 * s)
+        )
+        canvas.paint(box, q <= 1.0, tissue, _ID[name], allowed)
+        canvas.paint(sinus_box, sinus_q <= 1.0, -60.0, allowed=canvas.labels == _ID[name])
+        hilum = center + np.array([0.0, -8.0 * s, -side * 26.0 * s])
+        box, m, _ = canvas.tube(
+            [hilum, (-6.0 * h, 10.0 * s, (-24.0 if side < 0 else 4.0) * s), (-6.0 * h, 14.0 * s, -24.0 * s)],
+            [5.0, 5.0, 5.0],
+        )
+        canvas.paint(box, m <= 1.0, 160.0, allowed=allowed & (canvas.labels == 0))  # renal vein to the IVC
+
+    # Adrenal glands: thin inverted-V slabs above and medial to the kidneys' upper poles.
+    for name, center in (
+        ("right_adrenal", (48.0 * h, 42.0 * s, -36.0 * s)),
+        ("left_adrenal", (50.0 * h, 34.0 * s, 34.0 * s)),
+    ):
+        if not draw(name):
+            continue
+        c = jitter(center, 3.0)
+        for tilt in (-28.0, 28.0):
+            box, q = canvas.ellipsoid(
+                c + np.array([-8.0, 0.0, 0.0]), (18.0 * h, 13.0 * s, 4.5 * s), _rotation("y", tilt)
+            )
+            canvas.paint(box, q <= 1.0, 40.0, _ID[name], allowed)
+
+    # Gallbladder: pear under the liver, bile near water; a surgical clip stays after cholecystectomy.
+    gb_center = jitter((2.0 * h, -42.0 * s, -52.0 * s), 5.0)
+    if draw("gallbladder"):
+        k = scale(0.15)
+        box, q = canvas.ellipsoid(gb_center, np.array([36.0 * h, 17.0 * s, 17.0 * s]) * k, _rotation("x", 35.0))
+        canvas.paint(box, q <= 1.0, np.where(q > 0.7, 38.0, 10.0 + 3.0 * fine[box]), _ID["gallbladder"], allowed)
+    else:
+        box, q = canvas.ellipsoid(gb_center + np.array([30.0, 10.0, 5.0]), (3.0, 3.0, 3.0))
+        canvas.paint(box, q <= 1.0, 2500.0, allowed=allowed)
+
+    # Vessels last: aorta, IVC (through the liver), portal and splenic vein, and unlabelled branches.
+    box, m, _ = canvas.tube(
+        [
+            (320.0, 30.0 * s, 28.0 * s),
+            (100.0 * h, 26.0 * s, 16.0 * s),
+            (0.0, 22.0 * s, 8.0 * s),
+            (-110.0 * h, 22.0 * s, 4.0 * s),
+        ],
+        np.full(4, 11.0 * s),
+    )
+    canvas.paint(box, m <= 1.0, 205.0 + 5.0 * fine[box], _ID["aorta"], canvas.cavity & ~canvas.forbidden)
+    for side in (-1.0, 1.0):  # common iliac arteries and veins
+        box, m, _ = canvas.tube(
+            [
+                (-110.0 * h, 22.0 * s, 4.0 * s),
+                (-190.0 * h, 20.0 * s, side * 40.0 * s),
+                (-260.0 * h, 10.0 * s, side * 65.0 * s),
+            ],
+            [6.0, 6.0, 6.0],
+        )
+        canvas.paint(box, m <= 1.0, 200.0, allowed=canvas.cavity & (canvas.labels == 0))
+        box, m, _ = canvas.tube(
+            [
+                (-115.0 * h, 30.0 * s, -18.0 * s),
+                (-195.0 * h, 32.0 * s, side * 40.0 * s),
+                (-265.0 * h, 20.0 * s, side * 70.0 * s),
+            ],
+            [7.0, 7.0, 7.0],
+        )
+        canvas.paint(box, m <= 1.0, 150.0, allowed=canvas.cavity & (canvas.labels == 0))
+    box, m, _ = canvas.tube(
+        [(5.0 * h, 12.0 * s, 8.0 * s), (-10.0 * h, -10.0 * s, 6.0 * s), (-90.0 * h, -22.0 * s, 0.0)], [4.0, 4.0, 3.5]
+    )
+    canvas.paint(box, m <= 1.0, 200.0, allowed=allowed & (canvas.labels == 0))  # superior mesenteric artery
+    box, m, _ = canvas.tube(
+        [
+            (-115.0 * h, 30.0 * s, -18.0 * s),
+            (0.0, 16.0 * s, -24.0 * s),
+            (60.0 * h, 22.0 * s, -30.0 * s),
+            (112.0 * h, 10.0 * s, -26.0 * s),
+            (128.0 * h, -5.0 * s, -18.0 * s),
+        ],
+        np.array([10.0, 11.0, 11.0, 12.0, 12.0]) * s,
+    )
+    canvas.paint(box, m <= 1.0, 155.0 + 5.0 * fine[box], _ID["inferior_vena_cava"], canvas.cavity & ~canvas.forbidden)
+    confluence = (16.0 * h, -10.0 * s, -4.0 * s)
+    portal = [
+        (-30.0 * h, -22.0 * s, -4.0 * s),
+        confluence,
+        (38.0 * h, -4.0 * s, -28.0 * s),
+        (50.0 * h, 2.0 * s, -42.0 * s),
+    ]
+    box, m, _ = canvas.tube(portal[1:], [7.0, 7.0, 6.0])
+    canvas.paint(box, m <= 1.0, 175.0, _ID["portal_splenic_vein"], canvas.cavity & ~canvas.forbidden)
+    box, m, _ = canvas.tube(portal[:2], [5.0, 6.0])  # superior mesenteric vein: unlabelled
+    canvas.paint(box, m <= 1.0, 170.0, allowed=allowed & (canvas.labels == 0))
+    splenic = [
+        confluence,
+        (24.0 * h, 8.0 * s, 30.0 * s),
+        (44.0 * h, 36.0 * s, 62.0 * s),
+        (52.0 * h, 46.0 * s, 74.0 * s),
+    ]
+    if not draw("spleen"):
+        splenic = splenic[:2]  # ligated at splenectomy
+    box, m, _ = canvas.tube(splenic, [5.0] * len(splenic))
+    canvas.paint(box, m <= 1.0, 175.0, _ID["portal_splenic_vein"], allowed)
+
+
+def write_phantom_dataset(
+    out: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    config: PhantomConfig | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Generate `n` phantoms into a dataset folder (docs/dataset_format.md) and return its path.
+
+    Writes ``imagesTr/phantom_XXX_0000.nii.gz``, ``labelsTr/phantom_XXX.nii.gz`` and ``dataset.json``
+    with ``labels`` from `mednets.anatomy`, the generator settings and, per case, the scenarios, the
+    absent organs with their reasons and the organs cut by the field of view. Same arguments, same bytes.
+
+    Raises:
+        ConfigError: `n` < 1, or `out` is not empty and `overwrite` is False.
+    """
+    from mednets.data.io import Volume, write_volume
+
+    config = config or PhantomConfig()
+    if n < 1:
+        raise ConfigError("number of phantoms must be at least 1", source="--n", got=n)
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise ConfigError("output folder is not empty (pass overwrite to replace it)", source=str(root))
+        for name in ("imagesTr", "labelsTr", "imagesTs"):
+            shutil.rmtree(root / name, ignore_errors=True)
+        (root / "dataset.json").unlink(missing_ok=True)
+    cases: dict[str, Any] = {}
+    for index in range(n):
+        case_id = f"phantom_{index:03d}"
+        phantom = generate_phantom(seed, config, case_index=index)
+        write_volume(Volume(phantom.image, phantom.affine), root / "imagesTr" / f"{case_id}_0000.nii.gz")
+        write_volume(Volume(phantom.labels, phantom.affine), root / "labelsTr" / f"{case_id}.nii.gz")
+        cases[case_id] = phantom.record()
+    info = {
+        "name": "mednets_phantoms",
+        "description": "Synthetic contrast-enhanced abdominal CT (mednets.data.phantoms), HU, LPS orientation",
+        "channel_names": {"0": "CT"},
+        "labels": anatomy.label_names(),
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+        "min_voxels": config.min_voxels,
+        "generator": {
+            "seed": int(seed),
+            "shape": list(config.shape),
+            "spacing_mm": [round(s, 6) for s in config.spacing_mm],
+            "absence_rates": {k: config.absence_rates.get(k, 0.0) for k in SCENARIOS},
+            "noise_hu": config.noise_hu,
+        },
+        "cases": cases,
+    }
+    atomic_write_text(root / "dataset.json", json.dumps(info, indent=2) + "\n")
+    return root

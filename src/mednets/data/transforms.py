@@ -1,0 +1,549 @@
+"""MONAI transform pipelines per task: CT windowing, resampling, model-grid resize and its inverse,
+presence-aware patch sampling, anatomy-respecting augmentation, and histology tiles with noise models.
+
+Dictionary transforms work on MONAI-style records ``{"image": ..., "label": ..., "presence": ...}``.
+Arrays are channel-first ``[C, D, H, W]`` (3D) or ``[C, H, W]`` (2D). `LoadVolumed` reads files with
+`mednets.data.io` and stores, as MONAI expects, an affine whose columns follow the *array* axes
+``(D, H, W)`` (the `Volume` affine with its first three columns reversed), so MONAI's spacing and
+resize transforms keep geometry right.
+"""
+
+from __future__ import annotations
+
+import io as _io
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    NormalizeIntensityd,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    Randomizable,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    Resize,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPad,
+)
+from scipy import ndimage
+
+from mednets import anatomy
+from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
+
+__all__ = [
+    "DEFAULT_HU_WINDOW",
+    "NOISE_MODELS",
+    "GridResize",
+    "HistoNoised",
+    "LoadVolumed",
+    "PresenceAwareCropd",
+    "add_noise",
+    "allowed_flip_axes",
+    "augmentation",
+    "ct_normalisation",
+    "ct_segmentation_pipeline",
+    "histology_tile_pipeline",
+    "labels_from_logits",
+    "location_prior",
+    "monai_affine",
+    "resample_to_spacing",
+]
+
+# Soft-tissue abdominal window (level 37.5, width 425 HU): organs spread out, fat and bone saturate.
+DEFAULT_HU_WINDOW = (-175.0, 250.0)
+NOISE_MODELS = ("gaussian", "poisson", "salt_and_pepper", "motion_blur", "gaussian_blur", "jpeg")
+
+
+def monai_affine(affine: np.ndarray) -> np.ndarray:
+    """Reorder a `Volume` affine (columns x, y, z = W, H, D) into MONAI's array order (D, H, W)."""
+    return np.asarray(affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+
+
+class LoadVolumed(MapTransform):
+    """Read each key's path (or list of per-channel paths) into a ``[C, D, H, W]`` MetaTensor with its affine."""
+
+    def __init__(
+        self, keys: Sequence[str], dtype: torch.dtype | None = torch.float32, allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from mednets.data.io import read_volume
+
+        out = dict(data)
+        for key in self.key_iterator(out):
+            paths = out[key] if isinstance(out[key], list | tuple) else [out[key]]
+            volumes = [read_volume(p) for p in paths]
+            shapes = {v.array.shape for v in volumes}
+            if len(shapes) != 1:
+                raise InvalidInputError(
+                    "channels differ in shape", source=", ".join(map(str, paths)), got=sorted(shapes)
+                )
+            array = torch.as_tensor(np.stack([v.array for v in volumes]))
+            if self.dtype is not None:
+                array = array.to(self.dtype)
+            out[key] = MetaTensor(
+                array, affine=torch.as_tensor(monai_affine(volumes[0].affine)), meta={"filename_or_obj": str(paths[0])}
+            )
+        return out
+
+
+def ct_normalisation(
+    keys: Sequence[str] = ("image",), hu_window: tuple[float, float] | None = DEFAULT_HU_WINDOW
+) -> MapTransform:
+    """CT windowing to [0, 1] (clipped) with `hu_window`, or z-score normalisation when it is None."""
+    if hu_window is None:
+        return NormalizeIntensityd(keys=list(keys))
+    low, high = hu_window
+    if not high > low:
+        raise ConfigError("HU window must be (low, high) with high > low", source="hu_window", got=hu_window)
+    return ScaleIntensityRanged(keys=list(keys), a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+
+
+def resample_to_spacing(
+    spacing_mm: Sequence[float], image_keys: Sequence[str] = ("image",), label_keys: Sequence[str] = ("label",)
+) -> MapTransform:
+    """Resample to `spacing_mm` ``(D, H, W)``: trilinear for images, nearest for label maps."""
+    keys = list(image_keys) + list(label_keys)
+    modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
+    return Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing_mm), mode=modes, allow_missing_keys=True)
+
+
+class GridResize:
+    """Whole-volume resize to a model grid (SADAAn sees the whole scan) and its exact inverse.
+
+    `forward` resizes ``[C, *spatial]`` to `grid`; `inverse` brings an image or a label map on the grid
+    back to the original shape, and `inverse_affine` gives the original affine back, so a prediction
+    is written with the input's exact geometry.
+
+    Args:
+        grid: the model's spatial size, e.g. ``(64, 64, 64)``.
+    """
+
+    def __init__(self, grid: Sequence[int]):
+        self.grid = tuple(int(g) for g in grid)
+
+    def forward(self, image: torch.Tensor | np.ndarray, *, labels: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Resize ``[C, *spatial]`` to the grid; returns the resized tensor and the record `inverse` needs."""
+        tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
+        if tensor.ndim != len(self.grid) + 1:
+            raise InvalidInputError(
+                "expected [C, *spatial] matching the grid",
+                source="GridResize",
+                expected=f"{len(self.grid) + 1} dims",
+                got=tuple(tensor.shape),
+            )
+        record = {"shape": tuple(int(s) for s in tensor.shape[1:])}
+        mode = "nearest" if labels else "trilinear" if len(self.grid) == 3 else "bilinear"
+        resized = Resize(self.grid, mode=mode, dtype=torch.float32)(tensor.float())
+        return torch.as_tensor(resized).to(tensor.dtype if labels else torch.float32), record
+
+    def inverse(self, resized: torch.Tensor, record: Mapping[str, Any], *, labels: bool = False) -> torch.Tensor:
+        """Resize a ``[C, *grid]`` image (or label map with ``labels=True``) back to the original shape."""
+        mode = "nearest" if labels else "trilinear" if len(self.grid) == 3 else "bilinear"
+        out = Resize(tuple(record["shape"]), mode=mode, dtype=torch.float32)(torch.as_tensor(resized).float())
+        return torch.as_tensor(out).to(resized.dtype if labels else torch.float32)
+
+    def grid_affine(self, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """Affine (Volume convention) of the grid covering the same field of view as `affine` over `shape` (D, H, W)."""
+        affine = np.asarray(affine, dtype=np.float64)
+        factors_xyz = np.asarray([shape[2] / self.grid[2], shape[1] / self.grid[1], shape[0] / self.grid[0]])
+        out = affine.copy()
+        out[:3, :3] = affine[:3, :3] * factors_xyz[None, :]
+        # Voxel centres: grid voxel 0 spans the same edge as original voxel 0 (align_corners=False).
+        out[:3, 3] = affine[:3, 3] + affine[:3, :3] @ ((factors_xyz - 1.0) / 2.0)
+        return out
+
+    def inverse_affine(self, grid_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """Exact inverse of `grid_affine`: the original affine from the grid's."""
+        factors_xyz = np.asarray([shape[2] / self.grid[2], shape[1] / self.grid[1], shape[0] / self.grid[0]])
+        linear = np.asarray(grid_affine, dtype=np.float64)[:3, :3] / factors_xyz[None, :]
+        out = np.eye(4)
+        out[:3, :3] = linear
+        out[:3, 3] = grid_affine[:3, 3] - linear @ ((factors_xyz - 1.0) / 2.0)
+        return out
+
+
+def labels_from_logits(logits: torch.Tensor, shape: Sequence[int], *, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Upsample class scores ``[C, *grid]`` to ``shape`` and take the argmax, one class at a time.
+
+    Never holds all classes at full resolution in float (the classic RAM blow-up, nnU-Net #2912):
+    peak memory is two full-size float maps plus the uint8 labels, whatever the number of classes.
+
+    Returns:
+        Label map ``shape`` of `dtype`.
+    """
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    best = torch.full(tuple(shape), -torch.inf)
+    labels = torch.zeros(tuple(shape), dtype=dtype)
+    for index in range(logits.shape[0]):
+        score = torch.nn.functional.interpolate(
+            logits[index][None, None].float(), size=tuple(shape), mode=mode, align_corners=False
+        )[0, 0]
+        better = score > best
+        best = torch.where(better, score, best)
+        labels[better] = index
+    return labels
+
+
+def location_prior(
+    label_maps: Sequence[np.ndarray], label_ids: Mapping[str, int] | None = None
+) -> dict[int, tuple[float, ...]]:
+    """Mean centroid of each structure as a fraction of the volume's extent (one atlas-like prior).
+
+    Args:
+        label_maps: label maps ``[D, H, W]`` (any shapes: centroids are in fractions of the shape).
+        label_ids: {name: id}; defaults to the organ registry.
+
+    Returns:
+        {label id: (fz, fy, fx)} for every structure seen at least once.
+    """
+    ids = [i for i in (label_ids or anatomy.label_names()).values() if i != 0]
+    sums: dict[int, list[np.ndarray]] = {i: [] for i in ids}
+    for labels in label_maps:
+        labels = np.asarray(labels)
+        with np.errstate(invalid="ignore", divide="ignore"):  # absent structures give NaN centres, skipped below
+            centres = ndimage.center_of_mass(np.ones_like(labels), labels, ids)
+        for label_id, centre in zip(ids, centres, strict=True):
+            if np.all(np.isfinite(centre)):
+                sums[label_id].append((np.asarray(centre) + 0.5) / np.asarray(labels.shape))
+    return {i: tuple(float(v) for v in np.mean(c, axis=0)) for i, c in sums.items() if c}
+
+
+class PresenceAwareCropd(Randomizable, MapTransform):
+    """Foreground-weighted patch sampling that also visits where absent organs would be.
+
+    With probability `absent_prob`, when the record's ``presence`` marks a structure absent, the patch
+    is centred at that structure's `prior` location (a fraction of the volume, jittered), so the
+    model sees the empty organ bed and learns to predict nothing there (LHA-Net, UNet3D). Otherwise
+    MONAI's `RandCropByLabelClassesd` samples a class by `ratios` and centres on one of its voxels.
+
+    Args:
+        keys: keys to crop (image and label).
+        label_key: the label map key.
+        spatial_size: patch size ``(D, H, W)``.
+        prior: {label id: (fz, fy, fx)} from `location_prior`.
+        num_classes: number of classes including background.
+        presence_key: key of the presence vector (one value per foreground class, in id order).
+        absent_prob: probability of an absent-organ patch when one is absent.
+        ratios: class sampling ratios (background first); None samples classes equally.
+        jitter: standard deviation of the centre jitter, as a fraction of the patch size.
+        num_samples: patches per record.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        label_key: str,
+        spatial_size: Sequence[int],
+        prior: Mapping[int, Sequence[float]],
+        num_classes: int,
+        *,
+        presence_key: str = "presence",
+        absent_prob: float = 0.3,
+        ratios: Sequence[float] | None = None,
+        jitter: float = 0.15,
+        num_samples: int = 1,
+    ):
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.prior = {int(k): tuple(v) for k, v in prior.items()}
+        self.presence_key = presence_key
+        self.absent_prob = float(absent_prob)
+        self.jitter = float(jitter)
+        self.num_samples = int(num_samples)
+        self.by_class = RandCropByLabelClassesd(
+            keys=list(keys), label_key=label_key, spatial_size=self.spatial_size, ratios=list(ratios) if ratios else None,
+            num_classes=num_classes, num_samples=num_samples, warn=False, allow_smaller=True,
+        )  # fmt: skip
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> PresenceAwareCropd:
+        super().set_random_state(seed, state)
+        self.by_class.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        record = dict(data)
+        presence = record.get(self.presence_key)
+        absent = (
+            []
+            if presence is None
+            else [i + 1 for i, p in enumerate(np.asarray(presence).ravel()) if p < 0.5 and (i + 1) in self.prior]
+        )
+        outputs: list[dict[Hashable, Any]] = []
+        for _ in range(self.num_samples):
+            if absent and self.R.random() < self.absent_prob:
+                outputs.append(self._crop_at(record, int(self.R.choice(absent))))
+            else:
+                outputs.append(self.by_class(record)[0])
+        return outputs
+
+    def _crop_at(self, record: dict[Hashable, Any], label_id: int) -> dict[Hashable, Any]:
+        spatial = tuple(record[self.label_key].shape[1:])
+        size = np.asarray(self.spatial_size)
+        centre = (
+            np.asarray(self.prior[label_id]) * np.asarray(spatial)
+            + self.R.normal(0.0, self.jitter, len(spatial)) * size
+        )
+        start = np.clip(np.round(centre - size / 2).astype(int), 0, np.maximum(np.asarray(spatial) - size, 0))
+        slices = tuple(slice(int(s), int(s + n)) for s, n in zip(start, size, strict=True))
+        out = dict(record)
+        pad = SpatialPad(self.spatial_size)
+        for key in self.key_iterator(out):
+            out[key] = pad(out[key][(slice(None), *slices)])
+        out["patch_centre_label"] = label_id
+        return out
+
+
+def allowed_flip_axes(label_names: Sequence[str] | None = None, spatial_dims: int = 3) -> list[int]:
+    """Spatial axes that may be flipped without producing anatomy that does not exist.
+
+    Abdominal anatomy is not symmetric top-bottom or front-back, so only the left-right axis
+    (W, the last spatial axis) can be flipped, and only when no left/right twin organs are separate
+    classes (a flip would turn the left kidney into a right kidney with the wrong label).
+    """
+    names = set(label_names if label_names is not None else anatomy.organ_names())
+    for right, left in anatomy.left_right_pairs():
+        if anatomy.organ_by_id(right).name in names or anatomy.organ_by_id(left).name in names:
+            return []
+    return [spatial_dims - 1]
+
+
+def augmentation(
+    image_keys: Sequence[str] = ("image",),
+    label_keys: Sequence[str] = ("label",),
+    *,
+    flip_axes: Sequence[int] = (),
+    rotate_degrees: float = 10.0,
+    scale: float = 0.1,
+    intensity_shift: float = 0.05,
+    intensity_scale: float = 0.1,
+    prob: float = 0.3,
+    spatial_dims: int = 3,
+) -> Compose:
+    """Random flips on `flip_axes` only (see `allowed_flip_axes`), small rotations and scalings, intensity shifts."""
+    keys = list(image_keys) + list(label_keys)
+    modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
+    radians = float(np.deg2rad(rotate_degrees))
+    transforms: list[Any] = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
+    transforms += [
+        RandAffined(
+            keys=keys,
+            prob=prob,
+            rotate_range=[radians] * (3 if spatial_dims == 3 else 1),
+            scale_range=[scale] * spatial_dims,
+            mode=modes,
+            padding_mode="border",
+        ),
+        RandShiftIntensityd(keys=list(image_keys), offsets=intensity_shift, prob=prob),
+        RandScaleIntensityd(keys=list(image_keys), factors=intensity_scale, prob=prob),
+    ]
+    return Compose(transforms)
+
+
+def ct_segmentation_pipeline(
+    *,
+    hu_window: tuple[float, float] | None = DEFAULT_HU_WINDOW,
+    spacing_mm: Sequence[float] | None = None,
+    grid: Sequence[int] | None = None,
+    patch_size: Sequence[int] | None = None,
+    prior: Mapping[int, Sequence[float]] | None = None,
+    num_classes: int = len(anatomy.ORGANS) + 1,
+    augment: bool = True,
+    label_names: Sequence[str] | None = None,
+    load: bool = True,
+) -> Compose:
+    """The CT training pipeline: load, window, optional resampling, grid resize or patch sampling, augmentation.
+
+    Args:
+        hu_window: HU window to [0, 1]; None for z-score normalisation.
+        spacing_mm: resample to this spacing ``(D, H, W)`` first.
+        grid: whole-volume resize to this model grid (SADAAn); exclusive with `patch_size`.
+        patch_size: presence-aware patch sampling of this size (LHA-Net, 3D UNet).
+        prior: location prior for absent-organ patches (`location_prior`); needed with `patch_size`.
+        num_classes: classes including background.
+        augment: add `augmentation` with the flips `allowed_flip_axes` permits for `label_names`.
+        label_names: foreground class names (default: the 13 organs).
+        load: start with `LoadVolumed` (records hold paths) instead of arrays.
+    """
+    if grid is not None and patch_size is not None:
+        raise ConfigError(
+            "choose either a whole-volume grid or patches",
+            source="pipeline",
+            got={"grid": grid, "patch_size": patch_size},
+        )
+    transforms: list[Any] = [LoadVolumed(["image", "label"], allow_missing_keys=True)] if load else []
+    transforms.append(ct_normalisation(("image",), hu_window))
+    if spacing_mm is not None:
+        transforms.append(resample_to_spacing(spacing_mm))
+    if grid is not None:
+        from monai.transforms import Resized
+
+        transforms.append(
+            Resized(
+                keys=["image", "label"],
+                spatial_size=tuple(grid),
+                mode=["trilinear", "nearest"],
+                allow_missing_keys=True,
+            )
+        )
+    if patch_size is not None:
+        transforms.append(PresenceAwareCropd(["image", "label"], "label", patch_size, prior or {}, num_classes))
+    if augment:
+        transforms.append(augmentation(flip_axes=allowed_flip_axes(label_names)))
+    return Compose(transforms)
+
+
+# --- Histology tiles ------------------------------------------------------------------------------
+
+
+def add_noise(tile: np.ndarray, model: str, rng: np.random.Generator, strength: float = 0.5) -> np.ndarray:
+    """Degrade a clean tile with one noise model.
+
+    Args:
+        tile: float ``[C, H, W]`` in [0, 1].
+        model: one of `NOISE_MODELS`.
+        rng: random generator.
+        strength: 0 (barely) to 1 (heavy).
+
+    Returns:
+        The noisy tile, float32 ``[C, H, W]`` in [0, 1].
+    """
+    tile = np.asarray(tile, dtype=np.float32)
+    strength = float(np.clip(strength, 0.0, 1.0))
+    if model == "gaussian":
+        noisy = tile + rng.normal(0.0, 0.02 + 0.13 * strength, tile.shape)
+    elif model == "poisson":
+        peak = 255.0 * (1.0 - strength) + 8.0 * strength  # photons at white: fewer = noisier
+        noisy = rng.poisson(tile * peak) / peak
+    elif model == "salt_and_pepper":
+        flips = rng.random(tile.shape[1:]) < 0.01 + 0.09 * strength
+        noisy = tile.copy()
+        noisy[:, flips] = (rng.random(int(flips.sum())) < 0.5).astype(np.float32)[None, :]
+    elif model == "gaussian_blur":
+        sigma = 0.5 + 2.5 * strength
+        noisy = ndimage.gaussian_filter(tile, (0.0, sigma, sigma))
+    elif model == "motion_blur":
+        length = 3 + round(12 * strength)
+        angle = rng.uniform(0.0, 180.0)
+        kernel = np.zeros((length, length), dtype=np.float32)
+        kernel[length // 2, :] = 1.0
+        kernel = ndimage.rotate(kernel, angle, reshape=False, order=1)
+        kernel /= max(float(kernel.sum()), 1e-6)
+        noisy = np.stack([ndimage.convolve(channel, kernel, mode="reflect") for channel in tile])
+    elif model == "jpeg":
+        from PIL import Image
+
+        quality = round(60 - 55 * strength)
+        pixels = (np.clip(tile, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        image = Image.fromarray(pixels.transpose(1, 2, 0) if pixels.shape[0] == 3 else pixels[0])
+        buffer = _io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(buffer), dtype=np.float32) / 255.0
+        noisy = decoded.transpose(2, 0, 1) if decoded.ndim == 3 else decoded[None]
+    else:
+        raise UnknownNameError("unknown noise model", source="noise model", expected=", ".join(NOISE_MODELS), got=model)
+    return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+
+class HistoNoised(Randomizable, MapTransform):
+    """Copy the clean tile to `target_key`, then degrade `keys` with a randomly chosen noise model.
+
+    The target stays the clean tile in [0, 1], the output space of the denoising autoencoders.
+
+    Args:
+        keys: the input tile key(s), float ``[C, H, W]`` in [0, 1].
+        target_key: where the clean tile goes.
+        models: noise models to draw from (`NOISE_MODELS`).
+        strength: (low, high) range of the noise strength.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] = ("image",),
+        target_key: str = "target",
+        models: Sequence[str] = NOISE_MODELS,
+        strength: tuple[float, float] = (0.2, 0.8),
+    ):
+        MapTransform.__init__(self, keys)
+        for model in models:
+            if model not in NOISE_MODELS:
+                raise UnknownNameError(
+                    "unknown noise model", source="models", expected=", ".join(NOISE_MODELS), got=model
+                )
+        self.target_key = target_key
+        self.models = tuple(models)
+        self.strength = strength
+        self._model = self.models[0]
+        self._strength = float(strength[0])
+        self._seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self._model = self.models[int(self.R.randint(len(self.models)))]
+        self._strength = float(self.R.uniform(*self.strength))
+        self._seed = int(self.R.randint(2**31))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize()
+        out = dict(data)
+        rng = np.random.default_rng(self._seed)
+        for key in self.key_iterator(out):
+            clean = np.asarray(torch.as_tensor(out[key]).float().clamp(0.0, 1.0))
+            out[self.target_key] = torch.from_numpy(clean.copy())
+            out[key] = torch.from_numpy(add_noise(clean, self._model, rng, self._strength))
+            out["noise_model"] = self._model
+        return out
+
+
+class _TileToTensord(MapTransform):
+    """uint8 ``[H, W, C]`` (RGBA or RGB or grey) -> float ``[3, H, W]`` in [0, 1], alpha dropped."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            array = np.asarray(out[key])
+            if array.ndim == 2:
+                array = np.repeat(array[..., None], 3, axis=-1)
+            array = array[..., :3]
+            scale = 255.0 if array.dtype == np.uint8 else 65535.0 if array.dtype == np.uint16 else 1.0
+            out[key] = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / scale)
+        return out
+
+
+def histology_tile_pipeline(
+    tile_size: int = 256,
+    *,
+    models: Sequence[str] = NOISE_MODELS,
+    strength: tuple[float, float] = (0.2, 0.8),
+    augment: bool = True,
+) -> Compose:
+    """Histology denoising pipeline on ``{"image": uint8 [H, W, C]}``: to [0, 1], random tile, flips and
+    90-degree turns (a slide has no up or left), then noise; returns ``image`` (noisy) and ``target`` (clean)."""
+    transforms: list[Any] = [
+        _TileToTensord(["image"]),
+        RandSpatialCropd(["image"], roi_size=(tile_size, tile_size), random_size=False),
+    ]
+    if augment:
+        transforms += [
+            RandFlipd(["image"], prob=0.5, spatial_axis=0),
+            RandFlipd(["image"], prob=0.5, spatial_axis=1),
+            RandRotate90d(["image"], prob=0.5),
+        ]
+    transforms.append(HistoNoised(["image"], "target", models, strength))
+    return Compose(transforms)

@@ -1,0 +1,165 @@
+"""MONAI pipelines: windowing, resampling, grid resize and inverse, presence-aware crops, augmentation, tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mednets.data.dataset import load_dataset
+from mednets.data.io import read_volume
+from mednets.data.transforms import (
+    NOISE_MODELS,
+    GridResize,
+    HistoNoised,
+    LoadVolumed,
+    PresenceAwareCropd,
+    add_noise,
+    allowed_flip_axes,
+    augmentation,
+    ct_normalisation,
+    ct_segmentation_pipeline,
+    histology_tile_pipeline,
+    labels_from_logits,
+    location_prior,
+    resample_to_spacing,
+)
+from mednets.errors import ConfigError, UnknownNameError
+
+
+def test_ct_window_maps_hu_to_unit_range() -> None:
+    image = torch.tensor([[[[-1000.0, -175.0, 37.5, 250.0, 1500.0]]]])
+    out = ct_normalisation(hu_window=(-175.0, 250.0))({"image": image})["image"]
+    np.testing.assert_allclose(np.asarray(out).ravel(), [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    with pytest.raises(ConfigError):
+        ct_normalisation(hu_window=(100.0, 0.0))
+
+
+def test_load_and_resample_keep_geometry(phantom_dataset: Path) -> None:
+    record = load_dataset(phantom_dataset).records(["phantom_000"])[0]
+    loaded = LoadVolumed(["image", "label"])(record)
+    assert tuple(loaded["image"].shape) == (1, 32, 32, 32)
+    source = read_volume(record["image"][0])
+    resampled = resample_to_spacing((20.0, 10.0, 5.0))(loaded)
+    shape = tuple(resampled["image"].shape[1:])
+    assert abs(shape[0] - 16) <= 1 and shape[1] == 32 and abs(shape[2] - 64) <= 1  # same extent, new spacing
+    assert tuple(resampled["label"].shape[1:]) == shape
+    assert set(np.unique(np.asarray(resampled["label"]))) <= set(np.unique(source.array))  # nearest: no new labels
+    affine = np.asarray(resampled["image"].affine)
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [20.0, 10.0, 5.0], atol=1e-5)
+
+
+def test_grid_resize_inverse_restores_shape_labels_and_affine(phantom_dataset: Path) -> None:
+    label = read_volume(phantom_dataset / "labelsTr" / "phantom_001.nii.gz")
+    resize = GridResize((16, 16, 16))
+    small, record = resize.forward(torch.from_numpy(label.array[None].astype(np.int64)), labels=True)
+    assert tuple(small.shape) == (1, 16, 16, 16)
+    back = resize.inverse(small, record, labels=True)
+    assert tuple(back.shape[1:]) == label.array.shape
+    up, record2 = GridResize((64, 64, 64)).forward(torch.from_numpy(label.array[None]), labels=True)
+    np.testing.assert_array_equal(GridResize((64, 64, 64)).inverse(up, record2, labels=True)[0].numpy(), label.array)
+    grid_affine = resize.grid_affine(label.affine, label.array.shape)
+    np.testing.assert_allclose(resize.inverse_affine(grid_affine, label.array.shape), label.affine, atol=1e-9)
+    # The grid covers the same field of view: first and last voxel edges coincide.
+    corner = label.affine @ [-0.5, -0.5, -0.5, 1.0]
+    np.testing.assert_allclose(grid_affine @ [-0.5, -0.5, -0.5, 1.0], corner, atol=1e-9)
+
+
+def test_labels_from_logits_matches_full_resolution_argmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6, 7, 8)
+    full = torch.nn.functional.interpolate(logits[None], size=(12, 14, 16), mode="trilinear", align_corners=False)[0]
+    labels = labels_from_logits(logits, (12, 14, 16))
+    assert labels.dtype == torch.uint8
+    np.testing.assert_array_equal(labels.numpy(), full.argmax(0).numpy())
+
+
+def test_presence_aware_crop_visits_absent_organ_bed(phantom_dataset: Path) -> None:
+    dataset = load_dataset(phantom_dataset)
+    loaded = [LoadVolumed(["image", "label"])(r) for r in dataset.records()]
+    prior = location_prior([np.asarray(r["label"][0]) for r in loaded])
+    assert prior[6][2] < 0.5 < prior[1][2]  # liver on the patient's right (low w), spleen on the left
+    record = dict(loaded[0])
+    spleen = np.asarray(record["label"]) == 1
+    record["label"] = record["label"].clone()
+    record["label"][torch.from_numpy(spleen)] = 0  # as after a splenectomy
+    record["presence"] = [0.0] + [1.0] * 12
+    crop = PresenceAwareCropd(
+        ["image", "label"], "label", (8, 8, 8), prior, num_classes=14, absent_prob=1.0, num_samples=4
+    )
+    crop.set_random_state(0)
+    patches = crop(record)
+    assert len(patches) == 4
+    for patch in patches:
+        assert tuple(patch["image"].shape) == (1, 8, 8, 8)
+        assert patch["patch_centre_label"] == 1
+    # Without absent organs it samples by class like MONAI's RandCropByLabelClassesd.
+    record["presence"] = [1.0] * 13
+    crop = PresenceAwareCropd(["image", "label"], "label", (8, 8, 8), prior, num_classes=14, absent_prob=1.0)
+    assert "patch_centre_label" not in crop(record)[0]
+
+
+def test_no_left_right_flip_when_left_and_right_are_separate_classes() -> None:
+    assert allowed_flip_axes() == []
+    assert allowed_flip_axes(["liver", "spleen", "aorta"]) == [2]
+    assert allowed_flip_axes(["nucleus"], spatial_dims=2) == [1]
+
+
+def test_augmentation_keeps_labels_integral_and_shapes() -> None:
+    torch.manual_seed(0)
+    image = torch.rand(1, 16, 16, 16)
+    label = torch.zeros(1, 16, 16, 16)
+    label[:, 4:12, 4:12, 4:8] = 3
+    augment = augmentation(flip_axes=[], prob=1.0)
+    augment.set_random_state(1)
+    out = augment({"image": image, "label": label})
+    assert out["image"].shape == image.shape
+    assert set(np.unique(np.asarray(out["label"]))) <= {0.0, 3.0}
+    assert not torch.equal(torch.as_tensor(out["image"]), image)
+
+
+def test_full_pipeline_on_phantoms(phantom_dataset: Path) -> None:
+    records = load_dataset(phantom_dataset).records()
+    out = ct_segmentation_pipeline(grid=(16, 16, 16), augment=False)(records[0])
+    assert tuple(out["image"].shape) == (1, 16, 16, 16)
+    assert float(out["image"].min()) == 0.0 and float(out["image"].max()) == 1.0  # air and bone clip
+    augmented = ct_segmentation_pipeline(grid=(16, 16, 16))(records[0])
+    assert tuple(augmented["label"].shape) == (1, 16, 16, 16)
+    with pytest.raises(ConfigError):
+        ct_segmentation_pipeline(grid=(16, 16, 16), patch_size=(8, 8, 8))
+
+
+@pytest.mark.parametrize("model", NOISE_MODELS)
+def test_noise_models_degrade_but_stay_in_unit_range(model: str) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    clean = np.stack([yy, xx, (yy + xx) / 2]).astype(np.float32)
+    clean[:, 8:24, 14:18] = 1.0  # an edge for the blurs to soften
+    noisy = add_noise(clean, model, rng, strength=0.7)
+    assert noisy.shape == clean.shape and noisy.dtype == np.float32
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0
+    assert np.abs(noisy - clean).mean() > 1e-3
+    with pytest.raises(UnknownNameError):
+        add_noise(clean, "speckles", rng)
+
+
+def test_histology_pipeline_target_is_the_clean_tile(shared_dir: Path) -> None:
+    tile = read_volume(shared_dir / "data" / "histology" / "high-nuclei-score-level2.png").array  # RGBA uint8
+    pipeline = histology_tile_pipeline(64, augment=False)
+    pipeline.set_random_state(0)
+    out = pipeline({"image": tile})
+    assert tuple(out["image"].shape) == (3, 64, 64) and tuple(out["target"].shape) == (3, 64, 64)
+    assert float(out["target"].min()) >= 0.0 and float(out["target"].max()) <= 1.0
+    assert out["noise_model"] in NOISE_MODELS
+    # The target is an exact crop of the clean tile in [0, 1].
+    rgb = tile[..., :3].transpose(2, 0, 1).astype(np.float32) / 255.0
+    target = np.asarray(out["target"])
+    found = any(np.array_equal(rgb[:, i : i + 64, j : j + 64], target) for i in range(0, 449) for j in range(0, 449))
+    assert found
+
+
+def test_histo_noise_rejects_unknown_model() -> None:
+    with pytest.raises(UnknownNameError):
+        HistoNoised(models=["gaussian", "film_grain"])
