@@ -1,0 +1,531 @@
+"""SADAAn (seed 000): 3D multi-organ segmentation that detects absent anatomy.
+
+Data flow (the seed's map; `S` structures, grid `D x H x W`, `F` feature channels, 128 in the seed):
+
+```
+x [B, 1, D, H, W]
+ -> Encoder (U-Net, 16..256 channels, 1x1x1 to F)        features [B, F, D, H, W]
+ -> AnatomicalAttentionModule(features)                  attention_maps, feature_responses [B, S, D, H, W],
+                                                         alignment_scores [B, S], position_priors [B, S, D, H, W]
+ -> AbsenceDetectionHead(features, alignment_scores)     absence_logits [B, S, 2], presence_probs [B, S],
+                                                         confidence_scores [B, S]
+ -> SegmentationHead(features, attention_maps)           segmentation_logits, segmentation_probs [B, S, D, H, W]
+ -> presence gating (eval mode)                          present [B, S]; structures judged absent get
+                                                         probability exactly 0
+```
+
+Two facts shape the design:
+
+- **The grid is absolute.** The learned position prior is one tensor of `S x D x H x W`, so the model
+  sees a whole scan resampled to its grid; another input size is an error, and `resize_grid`
+  interpolates the prior when the grid is changed on purpose (e.g. 64³ weights into a 96³ model).
+  The seed's constructor argument `spatial_dims` is this grid `(D, H, W)`; it is stored as
+  `grid_size`, because `spatial_dims` is the number of spatial axes (3) everywhere else in mednets.
+- **The segmentation layer need not replicate the features.** The seed multiplies the refined
+  features by each structure's attention map (`[B*S, C, D, H, W]`), runs a 1x1x1 convolution and
+  keeps, for structure `s`, output channel `s`. Attention is a per-voxel scale, so
+  `W_s . (a_s * f) + b_s = a_s * (W_s . f) + b_s`: one convolution without bias, the scale, then the
+  bias gives the same logits at 1/S of the memory (`replicated=True` keeps the seed's formulation
+  for comparison).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mednets.errors import ConfigError, InvalidInputError
+from mednets.models.base import MednetsModel, check_input
+from mednets.models.blocks import DoubleConv, conv, conv_transpose, max_pool
+from mednets.models.registry import register_model
+
+__all__ = [
+    "Encoder",
+    "AnatomicalAttentionModule",
+    "AbsenceDetectionHead",
+    "SegmentationHead",
+    "SpatialAttentionMedicalSegmenter",
+    "resize_grid",
+    "ABSENT_LOGIT",
+    "GRID_MULTIPLE",
+]
+
+# Logit given to structures judged absent: finite (losses on gated outputs stay finite) and far
+# enough below zero that sigmoid is exactly 0 in bf16, fp32 and fp64.
+ABSENT_LOGIT = -1.0e4
+# Four 2x poolings in the encoder: every grid side must be divisible by 16.
+GRID_MULTIPLE = 16
+# The seed's MLP widths (absence classifier 129 -> 64 -> 32 -> 2, confidence head F -> 64 -> S).
+_CLASSIFIER_WIDTHS = (64, 32)
+_CONFIDENCE_WIDTH = 64
+
+
+def _check_grid(grid: Sequence[int], source: str) -> tuple[int, int, int]:
+    """Validate a `(D, H, W)` grid: three positive sizes divisible by `GRID_MULTIPLE`."""
+    grid = tuple(int(size) for size in grid)
+    if len(grid) != 3 or any(size <= 0 or size % GRID_MULTIPLE for size in grid):
+        raise ConfigError(
+            "the grid must be three positive sizes divisible by 16 (the encoder halves it four times)",
+            source=source,
+            expected="(D, H, W), e.g. (64, 64, 64)",
+            got=grid,
+        )
+    return grid
+
+
+class Encoder(MednetsModel):
+    """U-Net encoder-decoder: `[B, C_in, D, H, W] -> [B, feature_channels, D, H, W]`.
+
+    Five levels (`base_channels * 2**k` channels, 16..256 in the seed), four decoder levels with
+    transposed-convolution upsampling and skip concatenation, then a 1x1x1 convolution to
+    `feature_channels`. Every convolution has a bias, as in the seed's parameter table.
+
+    Args:
+        in_channels: image channels.
+        base_channels: width of the first level.
+        feature_channels: width of the output features.
+    """
+
+    spatial_dims = 3
+
+    def __init__(self, in_channels: int = 1, base_channels: int = 16, feature_channels: int = 128) -> None:
+        super().__init__()
+        c = [base_channels * 2**k for k in range(5)]
+        self.enc1 = DoubleConv(3, in_channels, c[0], bias=True)
+        self.pool = max_pool(3, 2)
+        self.enc2 = DoubleConv(3, c[0], c[1], bias=True)
+        self.enc3 = DoubleConv(3, c[1], c[2], bias=True)
+        self.enc4 = DoubleConv(3, c[2], c[3], bias=True)
+        self.enc5 = DoubleConv(3, c[3], c[4], bias=True)
+        self.up4 = conv_transpose(3, c[4], c[3])
+        self.dec4 = DoubleConv(3, 2 * c[3], c[3], bias=True)
+        self.up3 = conv_transpose(3, c[3], c[2])
+        self.dec3 = DoubleConv(3, 2 * c[2], c[2], bias=True)
+        self.up2 = conv_transpose(3, c[2], c[1])
+        self.dec2 = DoubleConv(3, 2 * c[1], c[1], bias=True)
+        self.up1 = conv_transpose(3, c[1], c[0])
+        self.dec1 = DoubleConv(3, 2 * c[0], c[0], bias=True)
+        self.final_conv = conv(3, c[0], feature_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.run_block(self.enc1, x)  # [B, c0, D, H, W]
+        e2 = self.run_block(self.enc2, self.pool(e1))  # [B, c1, D/2, H/2, W/2]
+        e3 = self.run_block(self.enc3, self.pool(e2))  # [B, c2, D/4, ...]
+        e4 = self.run_block(self.enc4, self.pool(e3))  # [B, c3, D/8, ...]
+        e5 = self.run_block(self.enc5, self.pool(e4))  # [B, c4, D/16, ...]
+        d4 = self.run_block(self.dec4, torch.cat([self.up4(e5), e4], dim=1))  # [B, c3, D/8, ...]
+        d3 = self.run_block(self.dec3, torch.cat([self.up3(d4), e3], dim=1))  # [B, c2, D/4, ...]
+        d2 = self.run_block(self.dec2, torch.cat([self.up2(d3), e2], dim=1))  # [B, c1, D/2, ...]
+        d1 = self.run_block(self.dec1, torch.cat([self.up1(d2), e1], dim=1))  # [B, c0, D, H, W]
+        return self.final_conv(d1)  # [B, F, D, H, W]
+
+
+class AnatomicalAttentionModule(MednetsModel):
+    """Structure-specific spatial attention from the features and a learned absolute position prior.
+
+    Args:
+        in_channels: feature channels `F`.
+        num_structures: number of structures `S`.
+        spatial_dims: the grid `(D, H, W)` of the position prior (seed name; stored as `grid_size`).
+
+    Attributes:
+        position_prior: learned prior logits, `[1, S, D, H, W]` (a 5D tensor, so the module moves to
+            `channels_last_3d` with the rest of the model); initialised as `0.1 * randn`.
+    """
+
+    spatial_dims = 3
+
+    def __init__(self, in_channels: int, num_structures: int, spatial_dims: Sequence[int]) -> None:
+        super().__init__()
+        self.grid_size = _check_grid(spatial_dims, "AnatomicalAttentionModule(spatial_dims)")
+        self.num_structures = num_structures
+        self.position_prior = nn.Parameter(0.1 * torch.randn(1, num_structures, *self.grid_size))
+        self.attention_conv = nn.Sequential(
+            conv(3, in_channels, in_channels // 2, 3),
+            nn.BatchNorm3d(in_channels // 2),
+            nn.ReLU(inplace=True),
+            conv(3, in_channels // 2, num_structures, 1),
+            nn.Sigmoid(),
+        )
+        self.feature_matcher = nn.Sequential(
+            conv(3, in_channels, in_channels, 3),
+            nn.BatchNorm3d(in_channels),
+            nn.ReLU(inplace=True),
+            conv(3, in_channels, num_structures, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Attention maps, feature responses, alignment scores and the prior.
+
+        Args:
+            features: `[B, F, D, H, W]`.
+
+        Returns:
+            `attention_maps` `[B, S, D, H, W]` (attention x sigmoid(prior), in (0, 1)),
+            `feature_responses` `[B, S, D, H, W]` (logits), `alignment_scores` `[B, S]` (spatial mean
+            of attention x sigmoid(responses)), `position_priors` `[B, S, D, H, W]` (prior logits,
+            an expanded view: no copy per sample).
+        """
+        batch = features.shape[0]
+        attention = self.run_block(self.attention_conv, features)  # [B, S, D, H, W]
+        position_priors = self.position_prior.expand(batch, -1, -1, -1, -1)  # [B, S, D, H, W]
+        attention_maps = attention * torch.sigmoid(self.position_prior)  # [B, S, D, H, W]
+        feature_responses = self.run_block(self.feature_matcher, features)  # [B, S, D, H, W]
+        alignment_scores = (attention_maps * torch.sigmoid(feature_responses)).mean(dim=(2, 3, 4))  # [B, S]
+        return {
+            "attention_maps": attention_maps,
+            "feature_responses": feature_responses,
+            "alignment_scores": alignment_scores,
+            "position_priors": position_priors,
+        }
+
+
+class AbsenceDetectionHead(nn.Module):
+    """Presence/absence of each structure from pooled features and its alignment score.
+
+    One MLP per structure (`F + 1 -> 64 -> 32 -> 2`, the extra input being the alignment score) and a
+    confidence head (`F -> 64 -> S`, sigmoid) that `SpatialAttentionLoss` trains to predict whether
+    the presence decision is right.
+
+    Args:
+        num_structures: number of structures `S`.
+        feature_dim: feature channels `F`.
+        dropout: dropout after the first layer of each classifier (the seed's public code uses 0.2;
+            default 0 keeps the forward pass deterministic in training mode).
+    """
+
+    def __init__(self, num_structures: int, feature_dim: int = 128, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_structures = num_structures
+        hidden, last = _CLASSIFIER_WIDTHS
+        self.global_pool = nn.AdaptiveAvgPool3d(1)
+        self.absence_classifiers = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(feature_dim + 1, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, last),
+                nn.ReLU(inplace=True),
+                nn.Linear(last, 2),
+            )
+            for _ in range(num_structures)
+        )
+        self.confidence_head = nn.Sequential(
+            nn.Linear(feature_dim, _CONFIDENCE_WIDTH),
+            nn.ReLU(inplace=True),
+            nn.Linear(_CONFIDENCE_WIDTH, num_structures),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, features: torch.Tensor, alignment_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Absence logits, presence probabilities and confidence.
+
+        Args:
+            features: `[B, F, D, H, W]`.
+            alignment_scores: `[B, S]`.
+
+        Returns:
+            `absence_logits` `[B, S, 2]` (index 1 = present), `presence_probs` `[B, S]`
+            (softmax[..., 1]), `confidence_scores` `[B, S]` in (0, 1).
+        """
+        pooled = self.global_pool(features).flatten(1)  # [B, F]
+        alignment_scores = alignment_scores.to(pooled.dtype)
+        absence_logits = torch.stack(
+            [
+                classifier(torch.cat([pooled, alignment_scores[:, s : s + 1]], dim=1))
+                for s, classifier in enumerate(self.absence_classifiers)
+            ],
+            dim=1,
+        )  # [B, S, 2]
+        return {
+            "absence_logits": absence_logits,
+            "presence_probs": torch.softmax(absence_logits, dim=-1)[..., 1],
+            "confidence_scores": self.confidence_head(pooled),
+        }
+
+
+class SegmentationHead(MednetsModel):
+    """Attention-modulated segmentation logits: `[B, F, D, H, W]` -> `[B, S, D, H, W]`.
+
+    Feature refinement (two 3x3x3 conv-BN-ReLU layers to `F/2` channels), then one 1x1x1 convolution
+    whose output channel `s`, computed on the refined features scaled by attention map `s`, is the
+    logit of structure `s`. Because the scale is per voxel, the efficient formulation applies the
+    convolution once without bias, multiplies by the attention maps and adds the bias.
+
+    Args:
+        in_channels: feature channels `F`.
+        num_structures: number of structures `S`.
+        replicated: use the seed's formulation instead, which replicates the refined features once
+            per structure (`[B*S, F/2, D, H, W]`) and discards all but one output channel of each
+            copy. Same logits, S times the memory; kept only so the benchmark can compare.
+    """
+
+    spatial_dims = 3
+
+    def __init__(self, in_channels: int, num_structures: int, *, replicated: bool = False) -> None:
+        super().__init__()
+        self.num_structures = num_structures
+        self.replicated = replicated
+        refined = in_channels // 2
+        self.feature_refine = DoubleConv(3, in_channels, refined, bias=True)  # flat layers 0..5, as in the seed
+        self.segmentation_layer = conv(3, refined, num_structures, 1)
+
+    def forward(self, features: torch.Tensor, attention_maps: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits.
+
+        Args:
+            features: `[B, F, D, H, W]`.
+            attention_maps: `[B, S, D, H, W]`.
+
+        Returns:
+            `[B, S, D, H, W]` logits.
+        """
+        refined = self.run_block(self.feature_refine, features)  # [B, F/2, D, H, W]
+        if self.replicated:
+            return self._replicated_logits(refined, attention_maps)
+        layer = self.segmentation_layer
+        unbiased = F.conv3d(refined, layer.weight)  # [B, S, D, H, W]: W_s . f
+        return attention_maps * unbiased + layer.bias.view(1, -1, 1, 1, 1)  # a_s * (W_s . f) + b_s
+
+    def _replicated_logits(self, refined: torch.Tensor, attention_maps: torch.Tensor) -> torch.Tensor:
+        batch, channels, *grid = refined.shape
+        structures = attention_maps.shape[1]
+        attended = refined.unsqueeze(1) * attention_maps.unsqueeze(2)  # [B, S, F/2, D, H, W]
+        every = self.segmentation_layer(attended.reshape(batch * structures, channels, *grid))  # [B*S, S, D, H, W]
+        every = every.reshape(batch, structures, structures, *grid)  # [B, copy, channel, D, H, W]
+        return torch.diagonal(every, dim1=1, dim2=2).movedim(-1, 1)  # copy s, channel s: [B, S, D, H, W]
+
+
+class SpatialAttentionMedicalSegmenter(MednetsModel):
+    """SADAAn: segmentation of `S` structures with presence detection and presence gating.
+
+    At the defaults (5 structures, 64³ grid) the model has the seed's 8,019,230 parameters.
+
+    Args:
+        in_channels: image channels.
+        num_structures: number of structures `S`.
+        spatial_dims: the grid `(D, H, W)` the model sees (the seed's name; stored as `grid_size`,
+            while the class attribute `spatial_dims` stays the number of axes, 3). Each side must be
+            divisible by 16. Inputs must have exactly this size: the position prior is absolute.
+        base_channels: width of the encoder's first level (seed: 16).
+        feature_channels: width of the encoder's output features `F` (seed: 128).
+        presence_threshold: default decision threshold on `presence_probs`, one value or one per
+            structure; `forward` can override it per call.
+        gating: in eval mode, suppress the segmentation of structures judged absent (default on).
+        replicated_head: use the seed's memory-hungry segmentation layer (benchmark comparison only).
+        classifier_dropout: dropout inside the absence classifiers.
+    """
+
+    spatial_dims = 3
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_structures: int = 5,
+        spatial_dims: Sequence[int] = (64, 64, 64),
+        *,
+        base_channels: int = 16,
+        feature_channels: int = 128,
+        presence_threshold: float | Sequence[float] = 0.5,
+        gating: bool = True,
+        replicated_head: bool = False,
+        classifier_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or num_structures < 1:
+            raise ConfigError(
+                "in_channels and num_structures must be positive",
+                source="SpatialAttentionMedicalSegmenter",
+                got=f"in_channels={in_channels}, num_structures={num_structures}",
+            )
+        self.in_channels = in_channels
+        self.num_structures = num_structures
+        self.grid_size = _check_grid(spatial_dims, "SpatialAttentionMedicalSegmenter(spatial_dims)")
+        self.presence_threshold = presence_threshold
+        self.gating = gating
+        self.encoder = Encoder(in_channels, base_channels, feature_channels)
+        self.attention_module = AnatomicalAttentionModule(feature_channels, num_structures, self.grid_size)
+        self.absence_detector = AbsenceDetectionHead(num_structures, feature_channels, classifier_dropout)
+        self.segmentation_head = SegmentationHead(feature_channels, num_structures, replicated=replicated_head)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> SpatialAttentionMedicalSegmenter:
+        """Turn checkpointing on or off here and in every component that checkpoints its stages."""
+        for module in self.modules():
+            if isinstance(module, MednetsModel):
+                module.gradient_checkpointing = bool(enabled)
+        return self
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        presence_threshold: float | Sequence[float] | torch.Tensor | None = None,
+        gating: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Segment, detect presence, and gate absent structures in eval mode.
+
+        Args:
+            x: `[B, C_in, D, H, W]` with `(D, H, W) == grid_size`.
+            presence_threshold: decision threshold for this call, one value or `[S]` values
+                (default: the model's `presence_threshold`).
+            gating: override the model's `gating` for this call.
+
+        Returns:
+            The seed's nine keys (`attention_maps`, `feature_responses`, `position_priors`,
+            `segmentation_logits`, `segmentation_probs` `[B, S, D, H, W]`; `alignment_scores`,
+            `presence_probs`, `confidence_scores` `[B, S]`; `absence_logits` `[B, S, 2]`) plus
+            `present` (bool `[B, S]`, `presence_probs >= threshold`). In eval mode with gating, a
+            structure judged absent has `segmentation_probs` exactly 0 and logits `ABSENT_LOGIT`.
+        """
+        self._check_grid_input(x)
+        features = self.encoder(x)  # [B, F, D, H, W]
+        attention = self.attention_module(features)  # attention_maps [B, S, D, H, W], alignment_scores [B, S]
+        absence = self.absence_detector(features, attention["alignment_scores"])  # presence_probs [B, S]
+        logits = self.segmentation_head(features, attention["attention_maps"])  # [B, S, D, H, W]
+        probs = torch.sigmoid(logits)  # [B, S, D, H, W]
+
+        threshold = self._threshold(presence_threshold, absence["presence_probs"])
+        present = absence["presence_probs"] >= threshold  # [B, S]
+        if not self.training and (self.gating if gating is None else gating):
+            keep = present[:, :, None, None, None]  # [B, S, 1, 1, 1]
+            logits = torch.where(keep, logits, torch.full_like(logits, ABSENT_LOGIT))
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
+        return {
+            **attention,
+            **absence,
+            "segmentation_logits": logits,
+            "segmentation_probs": probs,
+            "present": present,
+        }
+
+    def _check_grid_input(self, x: torch.Tensor) -> None:
+        check_input(x, channels=self.in_channels, spatial_dims=3)
+        if tuple(x.shape[2:]) != self.grid_size:
+            raise InvalidInputError(
+                "spatial size differs from the model's grid: SADAAn's position prior is absolute, so "
+                "resample the whole scan to the grid, or change the grid on purpose with resize_grid()",
+                source="input",
+                expected=f"[B, {self.in_channels}, {', '.join(map(str, self.grid_size))}]",
+                got=tuple(x.shape),
+            )
+
+    def _threshold(
+        self, override: float | Sequence[float] | torch.Tensor | None, presence_probs: torch.Tensor
+    ) -> torch.Tensor:
+        """The threshold as a tensor broadcastable to `[B, S]`, validated."""
+        value = self.presence_threshold if override is None else override
+        threshold = torch.as_tensor(value, dtype=presence_probs.dtype, device=presence_probs.device)
+        if threshold.ndim > 1 or threshold.numel() not in (1, self.num_structures):
+            raise ConfigError(
+                "presence_threshold must be one value or one per structure",
+                source="presence_threshold",
+                expected=f"a float or {self.num_structures} floats",
+                got=tuple(threshold.shape),
+            )
+        if bool(((threshold < 0) | (threshold > 1)).any()):
+            raise ConfigError("presence_threshold must lie in [0, 1]", source="presence_threshold", got=value)
+        return threshold
+
+
+def resize_grid(model: SpatialAttentionMedicalSegmenter, new_dims: Sequence[int]) -> SpatialAttentionMedicalSegmenter:
+    """Change a model's grid on purpose, interpolating its learned position prior (trilinear).
+
+    E.g. load 64³ weights, then `resize_grid(model, (96, 96, 96))`. Every other weight is
+    convolutional and independent of the grid. The prior is replaced by a new parameter, so build
+    the optimizer after resizing.
+
+    Args:
+        model: the model to change in place.
+        new_dims: the new grid `(D, H, W)`, each side divisible by 16.
+
+    Returns:
+        The same model, now expecting inputs of size `new_dims`.
+    """
+    grid = _check_grid(new_dims, "resize_grid(new_dims)")
+    attention = model.attention_module
+    with torch.no_grad():
+        prior = attention.position_prior
+        resized = F.interpolate(prior.float(), size=grid, mode="trilinear", align_corners=False).to(prior.dtype)
+    attention.position_prior = nn.Parameter(resized.contiguous(), requires_grad=prior.requires_grad)
+    attention.grid_size = grid
+    model.grid_size = grid
+    return model
+
+
+@register_model(
+    "sadaan",
+    task="absence_segmentation",
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=5,
+    input_size=(64, 64, 64),
+    description="SADAAn (seed 000): 5 structures on a 64³ grid, 16-256 channel encoder, 128 features",
+    param_count=8_019_230,
+    tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
+    tiny_input_size=(16, 16, 16),
+)
+def sadaan(
+    in_channels: int = 1,
+    num_structures: int = 5,
+    grid_size: Sequence[int] = (64, 64, 64),
+    base_channels: int = 16,
+    feature_channels: int = 128,
+    presence_threshold: float | Sequence[float] = 0.5,
+    gating: bool = True,
+    replicated_head: bool = False,
+) -> nn.Module:
+    """The seed configuration (`grid_size` is the seed's `spatial_dims` argument)."""
+    return SpatialAttentionMedicalSegmenter(
+        in_channels,
+        num_structures,
+        grid_size,
+        base_channels=base_channels,
+        feature_channels=feature_channels,
+        presence_threshold=presence_threshold,
+        gating=gating,
+        replicated_head=replicated_head,
+    )
+
+
+@register_model(
+    "sadaan_fast",
+    task="absence_segmentation",
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=13,
+    input_size=(48, 48, 48),
+    description="SADAAn CPU preset: 13 organs, 48³ grid, 8-128 channel encoder, 32 features; bf16 train step 0.58 s",
+    param_count=2_973_678,
+    tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
+    tiny_input_size=(16, 16, 16),
+)
+def sadaan_fast(
+    in_channels: int = 1,
+    num_structures: int = 13,
+    grid_size: Sequence[int] = (48, 48, 48),
+    base_channels: int = 8,
+    feature_channels: int = 32,
+    presence_threshold: float | Sequence[float] = 0.5,
+    gating: bool = True,
+    replicated_head: bool = False,
+) -> nn.Module:
+    """CPU preset: the seed's architecture, half the encoder width, a quarter of the feature width, a 48³ grid.
+
+    The 13 organs of BTCV. 2,973,678 parameters (1,437,696 of them the position prior). Chosen so
+    that a bf16 + `channels_last_3d` training step (forward, `SpatialAttentionLoss`, backward, Adam)
+    at batch 2 takes under 1.5 s on the 2-core AMX development CPU: measured 0.58 s (median of 6
+    steps after a warm-up, CPU otherwise idle; 3.5 s in `benchmarks/bench_sadaan.py` while other
+    jobs shared the 2 cores). Forward (eval, no gradients): 0.19 s, 154 MB peak.
+    """
+    return SpatialAttentionMedicalSegmenter(
+        in_channels,
+        num_structures,
+        grid_size,
+        base_channels=base_channels,
+        feature_channels=feature_channels,
+        presence_threshold=presence_threshold,
+        gating=gating,
+        replicated_head=replicated_head,
+    )
