@@ -56,3 +56,13 @@ def test_saved_config_loads_back_equal(tmp_path: Path) -> None:
     config = load_config(None, ["name=x", "data.hu_window=[-100, 200]"])
     save_config(config, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == config
+
+
+def test_every_shipped_config_loads_and_names_a_registered_model() -> None:
+    from mednets.models import list_models
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        config = load_config(path)
+        assert config.model.name in list_models(), path.name

@@ -201,6 +201,81 @@ def show_command(
     console.print(f"wrote {show(path, out, labels=labels, window=(low, high))}")
 
 
+@app.command("train")
+def train_command(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see configs/).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Dataset folder; default: the config's, else phantoms.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<config name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <run>/checkpoints/last.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")
+    ] = None,
+) -> None:
+    """Train a model; writes config.yaml, metrics.csv, TensorBoard events and checkpoints into the run folder."""
+    from mednets.config import load_config
+    from mednets.engine.training import run_training
+
+    experiment = load_config(config, overrides or [])
+    run_dir = out or Path("runs") / experiment.name
+    result = run_training(experiment, run_dir, data_dir=data, resume=resume)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
+    console.print(f"trained {result['state']['step']} steps into {run_dir}: {metrics}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted <case>.nii.gz (and <case>.json sidecars).")],
+    truth: Annotated[Path, typer.Option("--truth", help="Folder of reference <case>.nii.gz, or a dataset folder.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write <out>.csv and <out>.json.")] = None,
+    nsd_tolerance_mm: Annotated[float, typer.Option("--nsd-tolerance", help="NSD boundary tolerance in mm.")] = 2.0,
+) -> None:
+    """Score predictions: Dice, HD95, NSD on present organs; presence metrics; false-positive mL on absent organs."""
+    from mednets.engine.evaluation import evaluate_folders, format_summary, write_evaluation
+
+    evaluation = evaluate_folders(pred, truth, nsd_tolerance_mm=nsd_tolerance_mm)
+    table = Table(title=f"evaluation of {pred}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, value in format_summary(evaluation.summary):
+        table.add_row(label, value)
+    console.print(table)
+    if out is not None:
+        for path in write_evaluation(evaluation, out):
+            console.print(f"wrote {path}")
+
+
+@app.command("predict")
+def predict_command(
+    run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train`.")],
+    inputs: Annotated[
+        list[Path], typer.Option("--input", help="Scan file, folder of scans, or DICOM folder (repeatable).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for <case>.nii.gz and <case>.json.")],
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Average flips along the axes training augmented (slower).")
+    ] = False,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap.")] = 0.5,
+    gating: Annotated[bool, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = True,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Segment scans (NIfTI, NRRD, MHA, DICOM): label maps with the input's geometry plus JSON sidecars."""
+    from mednets.data.transforms import allowed_flip_axes
+    from mednets.engine.inference import load_run, predict_paths
+
+    loaded = load_run(run, checkpoint=checkpoint, device=device)
+    tta_axes = allowed_flip_axes(list(loaded.structures)) if tta else []
+    result = predict_paths(loaded, inputs, out, tta_axes=tta_axes, overlap=overlap, gating=gating)
+    for path in result["written"]:
+        console.print(f"wrote {path}")
+    for _path, message in result["failed"]:  # the message names the file
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]failed:[/] {message}", highlight=False)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mednets` script; returns the exit code (2 for a user error)."""
     args = join_multi_value_options(list(sys.argv[1:] if argv is None else argv))

@@ -18,6 +18,7 @@ presence probabilities. Denoising: PSNR and SSIM on images in [0, 1].
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -57,6 +58,19 @@ class StructureScore:
 def _binary(mask: np.ndarray | torch.Tensor) -> torch.Tensor:
     tensor = torch.as_tensor(mask)
     return (tensor > 0).to(torch.uint8)[None, None]  # [1, 1, *S] for MONAI
+
+
+def _surface_distances(
+    predicted: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float], tolerance_mm: float
+) -> tuple[float, float]:
+    """HD95 (mm) and NSD at `tolerance_mm` of two non-empty binary masks, through MONAI."""
+    with warnings.catch_warnings():  # MONAI warns about its own deprecated internals here
+        warnings.simplefilter("ignore", FutureWarning)
+        pair = (_binary(predicted), _binary(reference))
+        spacing = list(spacing_mm)
+        hd95 = compute_hausdorff_distance(*pair, include_background=True, percentile=95, spacing=spacing)
+        nsd = compute_surface_dice(*pair, [tolerance_mm], include_background=True, spacing=spacing)
+    return float(hd95.item()), float(nsd.item())
 
 
 def score_structures(
@@ -100,24 +114,7 @@ def score_structures(
         dice = hd95 = nsd = None
         if in_truth and in_prediction:
             dice = 2.0 * float(np.logical_and(predicted, reference).sum()) / (n_predicted + n_reference)
-            hd95 = float(
-                compute_hausdorff_distance(
-                    _binary(predicted),
-                    _binary(reference),
-                    include_background=True,
-                    percentile=95,
-                    spacing=list(spacing_mm),
-                ).item()
-            )
-            nsd = float(
-                compute_surface_dice(
-                    _binary(predicted),
-                    _binary(reference),
-                    [nsd_tolerance_mm],
-                    include_background=True,
-                    spacing=list(spacing_mm),
-                ).item()
-            )
+            hd95, nsd = _surface_distances(predicted, reference, spacing_mm, nsd_tolerance_mm)
         elif in_truth:
             dice, hd95, nsd = 0.0, diagonal_mm, 0.0
         scores[name] = StructureScore(

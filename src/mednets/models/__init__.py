@@ -5,7 +5,7 @@ Importing this package registers every model module below.
 
 from __future__ import annotations
 
-from mednets.models import histo_autoencoder, unet  # noqa: F401  (registers the models)
+from mednets.models import dynunet, histo_autoencoder, lhanet, sadaan, unet  # noqa: F401  (registers the models)
 from mednets.models.base import MednetsModel
 from mednets.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
 

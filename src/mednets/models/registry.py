@@ -40,6 +40,8 @@ class ModelSpec:
         param_count: parameters of the default build (None if it depends on nothing fixed).
         tiny_overrides: overrides for a small build that tests can run in seconds.
         tiny_input_size: spatial input size that the tiny build accepts.
+        out_channels_option: the builder argument that sets the output channels (e.g. `n_classes`),
+            so training can fit the model to a dataset's labels; None if the output is fixed.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ModelSpec:
     param_count: int | None = None
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
     tiny_input_size: tuple[int, ...] = ()
+    out_channels_option: str | None = None
 
     @property
     def options(self) -> list[str]:
@@ -75,6 +78,7 @@ def register_model(
     param_count: int | None = None,
     tiny_overrides: dict[str, Any] | None = None,
     tiny_input_size: tuple[int, ...] | None = None,
+    out_channels_option: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model builder under `name` (see `ModelSpec` for the fields)."""
     if task not in TASKS:
@@ -95,6 +99,7 @@ def register_model(
             param_count=param_count,
             tiny_overrides=dict(tiny_overrides or {}),
             tiny_input_size=tuple(tiny_input_size or input_size),
+            out_channels_option=out_channels_option,
         )
         return builder
 

@@ -27,6 +27,7 @@ class UNet(MednetsModel):
             bottleneck width, as in the seed).
         spatial_dims: 2 or 3.
         base_channels: width of the first stage; stage k has `base_channels * 2**k` (seed: 64).
+        norm: normalisation of every conv layer (`batch` as in the seed, `instance`, `group`).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class UNet(MednetsModel):
         *,
         spatial_dims: int = 2,
         base_channels: int = 64,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.n_channels = n_channels
@@ -45,15 +47,15 @@ class UNet(MednetsModel):
         self.spatial_dims = spatial_dims
         c = [base_channels * 2**k for k in range(5)]
         factor = 2 if bilinear else 1
-        self.inc = DoubleConv(spatial_dims, n_channels, c[0])
-        self.down1 = Down(spatial_dims, c[0], c[1])
-        self.down2 = Down(spatial_dims, c[1], c[2])
-        self.down3 = Down(spatial_dims, c[2], c[3])
-        self.down4 = Down(spatial_dims, c[3], c[4] // factor)
-        self.up1 = Up(spatial_dims, c[4], c[3] // factor, interpolate=bilinear)
-        self.up2 = Up(spatial_dims, c[3], c[2] // factor, interpolate=bilinear)
-        self.up3 = Up(spatial_dims, c[2], c[1] // factor, interpolate=bilinear)
-        self.up4 = Up(spatial_dims, c[1], c[0], interpolate=bilinear)
+        self.inc = DoubleConv(spatial_dims, n_channels, c[0], norm_kind=norm)
+        self.down1 = Down(spatial_dims, c[0], c[1], norm_kind=norm)
+        self.down2 = Down(spatial_dims, c[1], c[2], norm_kind=norm)
+        self.down3 = Down(spatial_dims, c[2], c[3], norm_kind=norm)
+        self.down4 = Down(spatial_dims, c[3], c[4] // factor, norm_kind=norm)
+        self.up1 = Up(spatial_dims, c[4], c[3] // factor, interpolate=bilinear, norm_kind=norm)
+        self.up2 = Up(spatial_dims, c[3], c[2] // factor, interpolate=bilinear, norm_kind=norm)
+        self.up3 = Up(spatial_dims, c[2], c[1] // factor, interpolate=bilinear, norm_kind=norm)
+        self.up4 = Up(spatial_dims, c[1], c[0], interpolate=bilinear, norm_kind=norm)
         self.outc = conv(spatial_dims, c[0], n_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +83,12 @@ class UNet(MednetsModel):
     param_count=31_037_633,
     tiny_overrides={},
     tiny_input_size=(37, 45),
+    out_channels_option="n_classes",
 )
-def unet(n_channels: int = 3, n_classes: int = 1, bilinear: bool = False, base_channels: int = 64) -> nn.Module:
-    return UNet(n_channels, n_classes, bilinear, spatial_dims=2, base_channels=base_channels)
+def unet(
+    n_channels: int = 3, n_classes: int = 1, bilinear: bool = False, base_channels: int = 64, norm: str = "batch"
+) -> nn.Module:
+    return UNet(n_channels, n_classes, bilinear, spatial_dims=2, base_channels=base_channels, norm=norm)
 
 
 @register_model(
@@ -93,10 +98,13 @@ def unet(n_channels: int = 3, n_classes: int = 1, bilinear: bool = False, base_c
     in_channels=1,
     out_channels=14,
     input_size=(64, 128, 128),
-    description="UNet 3D: the seed's architecture with trilinear/transposed upsampling, 16-256 channels",
+    description="UNet 3D: the seed architecture in 3D, instance norm, 16-256 channels, patch-wise",
     param_count=5_646_606,
     tiny_overrides={"base_channels": 4},
-    tiny_input_size=(17, 19, 21),
+    tiny_input_size=(17, 35, 37),
+    out_channels_option="n_classes",
 )
-def unet3d(n_channels: int = 1, n_classes: int = 14, bilinear: bool = False, base_channels: int = 16) -> nn.Module:
-    return UNet(n_channels, n_classes, bilinear, spatial_dims=3, base_channels=base_channels)
+def unet3d(
+    n_channels: int = 1, n_classes: int = 14, bilinear: bool = False, base_channels: int = 16, norm: str = "instance"
+) -> nn.Module:
+    return UNet(n_channels, n_classes, bilinear, spatial_dims=3, base_channels=base_channels, norm=norm)

@@ -1,0 +1,118 @@
+"""Training and validation data for the trainer: dataset folder -> MONAI pipeline -> sample dicts.
+
+Samples are `{"image": [C, *S] float, "label": [*S] int64, "presence": [K] bool, "case": str}`
+(the batch convention of `mednets.tasks`). The deterministic part of the pipeline (load, window,
+resample, resize to the grid) is cached in memory once; the random part (patch sampling,
+augmentation) is seeded per (seed, epoch, index), so an epoch's samples depend on nothing else and
+a resumed run sees exactly the samples the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+
+from mednets.data.dataset import Dataset as DatasetFolder
+from mednets.data.dataset import split_cases
+from mednets.data.io import read_volume
+from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
+from mednets.data.transforms import ct_segmentation_pipeline, location_prior
+
+__all__ = ["SeededCacheDataset", "ensure_phantom_datasets", "segmentation_datasets"]
+
+
+def _to_sample(item: Any) -> dict[str, Any]:
+    """The batch convention of `mednets.tasks` from a MONAI record (or a one-patch list of records)."""
+    if isinstance(item, list):
+        item = item[0]
+    image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).float()
+    sample: dict[str, Any] = {"image": image, "case": item["case"]}
+    if "label" in item:
+        sample["label"] = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[0].round().long()
+    if "presence" in item:
+        sample["presence"] = torch.as_tensor(np.asarray(item["presence"]) > 0.5)
+    return sample
+
+
+class SeededCacheDataset(CacheDataset):
+    """MONAI `CacheDataset` whose random transforms are seeded by (seed, epoch, index).
+
+    Args:
+        records: MONAI records (`Dataset.records()`).
+        transform: the pipeline; everything before its first random transform is cached.
+        seed: base seed of the random transforms.
+    """
+
+    def __init__(self, records: Sequence[dict[str, Any]], transform: Any, seed: int = 0) -> None:
+        super().__init__(list(records), transform, progress=False)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next samples depend on `epoch` (called by the trainer before each epoch)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**31)
+        self.transform.set_random_state(seed=sample_seed)
+        return _to_sample(super().__getitem__(index))
+
+
+def ensure_phantom_datasets(folder: str | Path, phantoms: Any) -> tuple[Path, Path]:
+    """Generate the phantom training and test sets into `folder/train` and `folder/test` unless present.
+
+    Test cases are drawn with another seed (`seed + 1`), so no case is in both sets.
+    """
+    folder = Path(folder)
+    config = PhantomConfig(shape=tuple(phantoms.shape))
+    paths = []
+    for part, count, seed in (("train", phantoms.n_train, phantoms.seed), ("test", phantoms.n_test, phantoms.seed + 1)):
+        path = folder / part
+        if not (path / "dataset.json").is_file():
+            write_phantom_dataset(path, count, seed, config, overwrite=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def segmentation_datasets(
+    dataset: DatasetFolder,
+    *,
+    grid: Sequence[int] | None,
+    patch_size: Sequence[int] | None,
+    hu_window: tuple[float, float] | None,
+    spacing_mm: Sequence[float] | None,
+    val_fraction: float,
+    split_seed: int,
+    augment: bool,
+    seed: int,
+) -> tuple[SeededCacheDataset, SeededCacheDataset]:
+    """Training and validation datasets of a dataset folder for a 3D segmenter.
+
+    Args:
+        dataset: a validated dataset folder.
+        grid: whole-volume model grid (SADAAn), or None.
+        patch_size: training patch size (patch-wise models), or None. Validation always uses whole
+            volumes (resized to `grid` when given).
+        hu_window: HU window to [0, 1].
+        spacing_mm: resample to this spacing first.
+        val_fraction: share of cases for validation.
+        split_seed: seed of the split.
+        augment: random augmentation for training.
+        seed: base seed of the random transforms.
+    """
+    train_ids, val_ids = split_cases([c.case_id for c in dataset.training], val_fraction=val_fraction, seed=split_seed)
+    prior = None
+    if patch_size is not None:
+        prior = location_prior([read_volume(dataset.case(c).label).array for c in train_ids], dataset.labels)
+    common = dict(hu_window=hu_window, spacing_mm=spacing_mm, grid=grid, num_classes=len(dataset.labels),
+                  label_names=dataset.structures)  # fmt: skip
+    train_pipeline = ct_segmentation_pipeline(**common, patch_size=patch_size, prior=prior, augment=augment)
+    val_pipeline = ct_segmentation_pipeline(**common, augment=False)
+    return (
+        SeededCacheDataset(dataset.records(train_ids), train_pipeline, seed),
+        SeededCacheDataset(dataset.records(val_ids), val_pipeline, seed),
+    )

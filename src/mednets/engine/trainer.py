@@ -1,0 +1,425 @@
+"""One training loop for every task: config in; checkpoints, metrics and TensorBoard events out.
+
+The loop knows no model: a `Task` turns outputs into losses and metrics. It runs AdamW with linear
+warm-up and cosine decay, gradient accumulation and clipping, bf16 autocast (CPU and CUDA) or fp16
+with a GradScaler (CUDA), channels-last, gradient checkpointing, a step and a time budget, and DDP
+when launched by `torchrun`. Resuming restores weights, optimizer, scheduler, RNG states and the
+position in the data order, so a resumed run ends where an uninterrupted one would.
+
+Run folder: `config.yaml`, `metrics.csv`, `tensorboard/`, `checkpoints/last/`, `checkpoints/best/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mednets.atomic import atomic_write_text
+from mednets.config import ExperimentConfig, save_config
+from mednets.engine.checkpoints import load_model_weights, load_trainer_state, save_checkpoint
+from mednets.engine.distributed import DistributedContext, all_reduce_sum, barrier
+from mednets.errors import CheckpointError, ConfigError, TrainingError
+from mednets.models.base import memory_format_for
+from mednets.tasks import Task
+
+__all__ = ["Trainer", "TrainState", "EpochSampler", "warmup_cosine"]
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_seconds: float = 0.0
+    best_value: float | None = None
+    best_step: int | None = None
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded by rank, that can start mid-epoch (for exact resume).
+
+    Every rank draws the same permutation of `size` indices (seed + epoch), padded by wrapping to a
+    multiple of `world_size`, and takes every `world_size`-th index from `rank` on.
+    """
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use the permutation of `epoch` and leave out this rank's first `skip` indices."""
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        per_rank = math.ceil(self.size / self.world_size)
+        order += order[: per_rank * self.world_size - self.size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size) - self.skip
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up from 0 to 1, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _rng_states() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "rest": list(numpy_state[2:])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy"]["keys"].numpy().astype(np.uint32), *states["numpy"]["rest"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device, memory_format: torch.memory_format | None) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if key == "image" and memory_format is not None:
+                value = value.contiguous(memory_format=memory_format)
+        moved[key] = value
+    return moved
+
+
+class MetricsLog:
+    """`metrics.csv` (rewritten atomically, so it is never half-written) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.path = run_dir / "metrics.csv"
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            with self.path.open() as handle:
+                self.rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append({"step": step, **values})
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Trains `model` on `train_set` for `task` as `config.train` says, writing into `run_dir`.
+
+    Args:
+        config: the resolved experiment config (saved with every checkpoint).
+        model: the model (not yet wrapped in DDP; the trainer moves and wraps it).
+        task: turns outputs into losses and metrics.
+        train_set: map-style dataset of sample dicts; an optional `set_epoch(epoch)` method lets
+            random augmentation depend on the epoch only (needed for exact resume).
+        val_set: validation samples (whole volumes / tiles), or None.
+        run_dir: output folder.
+        context: distributed context (`init_distributed()`); single process by default.
+        progress: show a progress bar (main process only).
+        infer: how to run the model on a validation image (default: one forward pass); e.g. a
+            sliding-window inferer for patch-trained models.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        model: nn.Module,
+        task: Task,
+        train_set: Dataset,
+        val_set: Dataset | None,
+        run_dir: str | Path,
+        *,
+        context: DistributedContext | None = None,
+        progress: bool = True,
+        infer: Any = None,
+    ) -> None:
+        self.config, self.task, self.train_set, self.val_set = config, task, train_set, val_set
+        self.run_dir = Path(run_dir)
+        self.context = context or DistributedContext()
+        self.progress = progress
+        self.infer = infer
+        settings = config.train
+        self.device = self.context.device
+        if settings.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("fp16 needs CUDA (use bf16 on CPU)", source="train.precision", expected="bf16 or fp32")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        spatial_dims = getattr(model, "spatial_dims", 2)
+        self.memory_format = memory_format_for(spatial_dims) if settings.channels_last else None
+        if hasattr(model, "set_gradient_checkpointing"):
+            model.set_gradient_checkpointing(settings.gradient_checkpointing)
+        model = model.to(self.device)
+        if self.memory_format is not None:
+            model = model.to(memory_format=self.memory_format)
+        self.model = model
+        self.train_model = model
+        if self.context.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_cosine(step, settings.warmup_steps, settings.max_steps)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16")
+        self.sampler = EpochSampler(
+            len(train_set), seed=settings.seed, rank=self.context.rank, world_size=self.context.world_size
+        )
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "state": asdict(self.state),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_states(),
+        }
+
+    def save(self, name: str) -> None:
+        """Write `checkpoints/<name>` (main process only)."""
+        if self.context.is_main:
+            save_checkpoint(self.checkpoint_dir / name, self.model, self._trainer_state(), self.config)
+
+    def resume(self) -> None:
+        """Continue from `checkpoints/last`: weights, optimizer, scheduler, RNG, data position."""
+        folder = self.checkpoint_dir / "last"
+        if not folder.is_dir():
+            raise CheckpointError("nothing to resume", source=str(folder), expected="a checkpoint from an earlier run")
+        load_model_weights(folder, self.model)
+        saved = load_trainer_state(folder)
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+            self.state = TrainState(**saved["state"])
+            _restore_rng_states(saved["rng"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"trainer state does not fit this run ({error})", source=str(folder)) from error
+
+    # ------------------------------------------------------------------ data
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Training batches forever, epoch after epoch, starting at the saved position."""
+        settings = self.config.train
+        while True:
+            skip = self.state.batch_in_epoch * settings.batch_size
+            self.sampler.set_epoch(self.state.epoch, skip=skip)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(self.state.epoch)
+            loader = DataLoader(
+                self.train_set,
+                batch_size=settings.batch_size,
+                sampler=self.sampler,
+                num_workers=self.config.data.num_workers,
+                drop_last=True,
+            )
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                yield _to_device(batch, self.device, self.memory_format)
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
+        settings = self.config.train
+        self.train_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(settings.accumulation_steps):
+            batch = next(batches)
+            last = micro == settings.accumulation_steps - 1
+            sync = self.train_model.no_sync() if self.context.enabled and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    outputs = self.train_model(batch["image"])
+                terms = self.task.loss(outputs, batch)
+                self.scaler.scale(terms["total"] / settings.accumulation_steps).backward()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) / settings.accumulation_steps
+        reduced = self._mean_over_ranks(sums)
+        if not math.isfinite(reduced["total"]):
+            raise TrainingError(
+                f"loss became {reduced['total']} at step {self.state.step + 1}; the last good checkpoint is kept",
+                source=str(self.checkpoint_dir / "last"),
+                got={k: v for k, v in reduced.items() if not math.isfinite(v)},
+            )
+        if settings.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state.step += 1
+        return reduced
+
+    def _mean_over_ranks(self, values: Mapping[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        packed = all_reduce_sum(packed, self.context) / self.context.world_size
+        return dict(zip(keys, packed.tolist(), strict=True))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean validation loss and task metrics over the validation set (all ranks), as `val/<name>`."""
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        self.model.eval()
+        rng = _rng_states()  # validation must not shift the training's random stream (exact resume)
+        indices = list(range(self.context.rank, len(self.val_set), self.context.world_size))
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for index in indices:
+            batch = _to_device(torch.utils.data.default_collate([self.val_set[index]]), self.device, self.memory_format)
+            with self._autocast():
+                outputs = self.infer(self.model, batch["image"]) if self.infer else self.model(batch["image"])
+            values = {"loss": self.task.loss(outputs, batch)["total"].reshape(1)}
+            values.update(self.task.batch_metrics(outputs, batch))
+            for key, value in values.items():
+                value = value.detach().double().flatten()
+                defined = ~torch.isnan(value)
+                sums[key] = sums.get(key, 0.0) + float(value[defined].sum())
+                counts[key] = counts.get(key, 0.0) + float(defined.sum())
+        _restore_rng_states(rng)
+        keys = sorted(sums)
+        packed = torch.tensor([[sums[k], counts[k]] for k in keys], dtype=torch.float64, device=self.device)
+        packed = all_reduce_sum(packed, self.context)
+        return {f"val/{k}": (s / c if c else float("nan")) for k, (s, c) in zip(keys, packed.tolist(), strict=True)}
+
+    def _is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        best = self.state.best_value
+        if best is None:
+            return True
+        return value > best if self.config.train.best_mode == "max" else value < best
+
+    def _validate_and_checkpoint(self, log: MetricsLog) -> dict[str, float]:
+        metrics = self.validate()
+        if metrics:
+            log.log(self.state.step, metrics)
+            value = metrics.get(self.config.train.best_metric)
+            if value is not None and self._is_better(value):
+                self.state.best_value, self.state.best_step = value, self.state.step
+                self.save("best")
+        self.save("last")
+        barrier(self.context)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, *, resume: bool = False, stop_after_step: int | None = None) -> dict[str, Any]:
+        """Train until `max_steps`, the time budget, or `stop_after_step` (a simulated interruption).
+
+        Returns:
+            The final state and the last validation metrics.
+        """
+        settings = self.config.train
+        if resume:
+            self.resume()
+        if self.context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+        log = MetricsLog(self.run_dir, self.context.is_main, self.state.step)
+        batches = self._batches()
+        budget = None if settings.max_minutes is None else settings.max_minutes * 60
+        start = time.perf_counter() - self.state.elapsed_seconds
+        bar = _progress_bar(self.progress and self.context.is_main, settings.max_steps, self.state.step)
+        metrics: dict[str, float] = {}
+        stop = stop_after_step if stop_after_step is not None else settings.max_steps
+        try:
+            while self.state.step < min(stop, settings.max_steps):
+                step_start = time.perf_counter()
+                terms = self._train_step(batches)
+                self.state.elapsed_seconds = time.perf_counter() - start
+                log.log(
+                    self.state.step,
+                    {
+                        **{f"train/{k}": v for k, v in terms.items()},
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "seconds_per_step": time.perf_counter() - step_start,
+                    },
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['total']:.4f}", refresh=False)
+                out_of_time = budget is not None and self._elapsed_everywhere() >= budget
+                if out_of_time or self.state.step % settings.val_every == 0:
+                    metrics = self._validate_and_checkpoint(log) or metrics
+                if out_of_time:
+                    break
+            if self.state.step % settings.val_every:
+                metrics = self._validate_and_checkpoint(log) or metrics
+        finally:
+            bar.close()
+            log.close()
+        return {"state": asdict(self.state), "metrics": metrics}
+
+    def _elapsed_everywhere(self) -> float:
+        """The largest elapsed time over ranks, so that every rank stops at the same step."""
+        elapsed = torch.tensor([self.state.elapsed_seconds], dtype=torch.float64, device=self.device)
+        if self.context.enabled:
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        return float(elapsed)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
