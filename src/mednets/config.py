@@ -91,6 +91,9 @@ class TrainConfig:
         batch_size: samples per step per process (before accumulation).
         accumulation_steps: micro-batches per optimizer step.
         lr: peak learning rate of AdamW.
+        lr_multipliers: learning-rate factors for parameters whose name contains a key, e.g.
+            `{position_prior: 50}`: a per-voxel map moves by about one learning rate per step, so
+            an absolute prior needs a larger rate to form within a training budget.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps, then cosine decay to 0 at `max_steps`.
         grad_clip: max global gradient norm (None: no clipping).
@@ -109,6 +112,7 @@ class TrainConfig:
     batch_size: int = 2
     accumulation_steps: int = 1
     lr: float = 1e-3
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float | None = 1.0

@@ -196,3 +196,13 @@ def test_ddp_with_two_processes_matches_one_process_with_the_same_global_batch(t
     assert len(single) == len(distributed) == 5
     for a, b in zip(single, distributed, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_lr_multipliers_make_their_own_group_and_typos_are_errors(tmp_path: Path) -> None:
+    from mednets.errors import ConfigError
+
+    trainer = make_trainer(tmp_path, make_config(tmp_path, lr_multipliers="{outc: 10}"))
+    rates = sorted(group["initial_lr"] for group in trainer.optimizer.param_groups)  # before warm-up scaling
+    assert rates == [pytest.approx(0.01), pytest.approx(0.1)]
+    with pytest.raises(ConfigError, match="no parameter name contains"):
+        make_trainer(tmp_path, make_config(tmp_path, lr_multipliers="{no_such_layer: 10}"))

@@ -19,12 +19,16 @@ Conventions (every reader and writer converts to and from these):
 
 Errors: anything unreadable, truncated or inconsistent raises `InvalidInputError` naming the file.
 Writes are atomic: a temporary file in the target folder is renamed over the target, so an error
-leaves no partial file behind.
+leaves no partial file behind. A DICOM series (a path with no suffix, or an existing folder) is
+written into a temporary sibling folder that is then renamed into place.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -43,6 +47,7 @@ __all__ = [
     "read_dicom_series",
     "read_image",
     "read_volume",
+    "write_dicom_series",
     "write_volume",
 ]
 
@@ -53,6 +58,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs")
 
 # RAS <-> LPS: negate the first two world axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# DICOM series written by `write_dicom_series`: one file per slice with this name, and this
+# SoftwareVersions (0018,1020) prefix. Both must match before an existing folder is replaced, so a
+# folder of someone else's files is never deleted.
+_DICOM_SLICE_NAME = re.compile(r"slice_\d+\.dcm")
+_DICOM_SOFTWARE = "mednets"
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# Largest deviation from orthonormal directions (and from a slice axis along the row x column
+# normal) accepted: float32 NIfTI affines are orthonormal only to about 1e-7.
+_DICOM_GEOMETRY_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -380,7 +395,11 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
 
     Volumes (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd``) keep their affine; 2D images
     (``.png``, ``.jpg``, ``.tif``/``.tiff``) keep their pixels. NIfTI stores the affine in float32
-    (the format's limit); the ITK formats store it in double precision. DICOM is read-only.
+    (the format's limit); the ITK formats store it in double precision.
+
+    A path with no suffix (``out/case01``) or an existing folder is a DICOM series folder, the
+    mirror of `read_volume` reading a folder: see `write_dicom_series` for the pixel rule, the
+    geometry precision and when an existing folder is replaced.
 
     Returns:
         The written path.
@@ -390,6 +409,8 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     suffix = _suffix(path)
+    if path.is_dir() or suffix == "":
+        return write_dicom_series(volume, path)
     if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
         array = _volume_array(volume, path)
         if suffix in NIFTI_SUFFIXES:
@@ -406,7 +427,7 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     raise InvalidInputError(
         "cannot write this file type",
         source=str(path),
-        expected=", ".join((*VOLUME_SUFFIXES, ".png", ".jpg", ".tif", ".tiff")),
+        expected=", ".join((*VOLUME_SUFFIXES, ".png", ".jpg", ".tif", ".tiff")) + " or a DICOM folder (no suffix)",
     )
 
 
@@ -472,3 +493,214 @@ def _write_image(volume: Volume, path: Path, suffix: str) -> None:
             if array.ndim not in (2, 3):
                 raise InvalidInputError("a PNG/JPEG holds one 2D image", source=str(path), got=array.shape)
             Image.fromarray(array).save(str(temporary), format="PNG" if suffix == ".png" else "JPEG", quality=95)
+
+
+def write_dicom_series(volume: Volume, folder: str | os.PathLike[str]) -> Path:
+    """Write a 3D volume as a DICOM CT series folder: one file per slice, ``slice_00000.dcm`` upwards.
+
+    SimpleITK (GDCM) writes each slice with ``KeepOriginalImageUIDOn`` and the tags a reader needs:
+    one StudyInstanceUID, SeriesInstanceUID and FrameOfReferenceUID for the series; per slice a
+    SOPInstanceUID, InstanceNumber, ImagePositionPatient and SliceLocation; ImageOrientationPatient,
+    PixelSpacing, SliceThickness, SpacingBetweenSlices, Modality CT, RescaleIntercept and
+    RescaleSlope. `read_volume` on the folder gives the volume back.
+
+    Pixels are stored as int16, by this rule:
+
+    * integer values (of any dtype, floats included) within int16: stored as they are with slope 1
+      and intercept 0, so they (HU in particular) read back exactly, as int16;
+    * other integer values spanning at most 65535: slope 1 and an integer intercept; exact too;
+    * anything else (fractions, wider ranges): linear quantisation over the 65536 int16 levels with
+      slope ``(max - min) / 65535``; values read back (float64) within ``slope / 2`` of the input.
+
+    Geometry: the affine is converted to LPS and written as DICOM decimal strings (at most 16
+    characters), so positions come back within about 1e-12 mm and directions within about 1e-14,
+    far inside 1e-6. DICOM readers order slices along the row x column normal, so a left-handed
+    affine (negative determinant, e.g. ``LAS``) is written with its slice axis reversed: reading it
+    back gives the same image with `array` flipped along D and the matching right-handed affine.
+    A one-slice volume keeps its voxels, origin and in-plane axes, but SimpleITK reads the slice
+    spacing of a single file as 1 mm, so the third affine column does not round-trip.
+
+    Atomic: the slices go to a temporary sibling folder that is renamed to `folder` once complete.
+    An existing `folder` is replaced only if it is empty or holds a series this function wrote
+    (every entry a ``slice_N.dcm`` file whose SoftwareVersions starts with ``mednets``); it is moved
+    aside, the new folder renamed in, and only then deleted, so an error leaves it in place.
+
+    Args:
+        volume: a 3D single-channel volume, `array` ``[D, H, W]`` with finite values.
+        folder: the series folder to create or replace.
+
+    Returns:
+        The folder.
+
+    Raises:
+        InvalidInputError: the array is not 3D single-channel, not real or not finite; the affine is
+            singular or sheared (axes not orthogonal); or `folder` is a file or a folder of other files.
+    """
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    from mednets import __version__
+
+    folder = Path(folder)
+    _check_dicom_target(folder)  # before any work: a refused target must cost nothing and leave nothing
+    array = _volume_array(volume, folder)
+    stored, slope, intercept = _dicom_pixels(array, folder)
+    spacing, origin, axes, reverse = _dicom_geometry(volume.affine, stored.shape[0], folder)
+    if reverse:
+        stored = stored[::-1]
+    normal = axes[:, 2]
+    now = datetime.datetime.now()
+    shared = {
+        "0008|0016": _CT_IMAGE_STORAGE,  # SOPClassUID: GDCM keeps patient geometry for CT images
+        "0008|0008": "DERIVED\\SECONDARY",  # ImageType
+        "0008|0060": "CT",  # Modality
+        "0008|0020": now.strftime("%Y%m%d"),  # StudyDate
+        "0008|0030": now.strftime("%H%M%S"),  # StudyTime
+        "0008|0021": now.strftime("%Y%m%d"),  # SeriesDate
+        "0008|0031": now.strftime("%H%M%S"),  # SeriesTime
+        "0008|103e": "written by mednets",  # SeriesDescription
+        "0018|1020": f"{_DICOM_SOFTWARE} {__version__}",  # SoftwareVersions: marks folders we may replace
+        "0020|000d": generate_uid(),  # StudyInstanceUID
+        "0020|000e": generate_uid(),  # SeriesInstanceUID
+        "0020|0052": generate_uid(),  # FrameOfReferenceUID
+        "0020|0011": "1",  # SeriesNumber
+        "0020|0037": _ds(*axes[:, 0], *axes[:, 1]),  # ImageOrientationPatient: row (x) then column (y) direction
+        "0028|0030": _ds(spacing[1], spacing[0]),  # PixelSpacing: between rows (y), then between columns (x)
+        "0018|0050": _ds(spacing[2]),  # SliceThickness
+        "0018|0088": _ds(spacing[2]),  # SpacingBetweenSlices
+        "0028|1052": _ds(intercept),  # RescaleIntercept
+        "0028|1053": _ds(slope),  # RescaleSlope
+        # Stored pixels: signed 16 bit. GDCM needs these to convert a float buffer (see below).
+        "0028|0100": "16",
+        "0028|0101": "16",
+        "0028|0102": "15",
+        "0028|0103": "1",
+    }
+    identity = slope == 1.0 and intercept == 0.0
+    width = max(5, len(str(stored.shape[0] - 1)))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # use our UIDs: otherwise each file would get a new series
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (not mkdtemp, which creates 0700) so the folder gets the usual permissions.
+    staging = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.tmp"
+    os.mkdir(staging)
+    try:
+        for k, plane in enumerate(stored):
+            position = origin + k * spacing[2] * normal
+            # GDCM treats the buffer as real-world values and applies the inverse rescale itself, so
+            # give it the values the stored integers stand for (exact: they are stored * slope + b).
+            pixels = plane if identity else plane.astype(np.float64) * slope + intercept
+            image = sitk.GetImageFromArray(np.ascontiguousarray(pixels))
+            image.SetSpacing((float(spacing[0]), float(spacing[1])))
+            for tag, value in shared.items():
+                image.SetMetaData(tag, value)
+            image.SetMetaData("0008|0018", generate_uid())  # SOPInstanceUID
+            image.SetMetaData("0020|0013", str(k + 1))  # InstanceNumber
+            image.SetMetaData("0020|0032", _ds(*position))  # ImagePositionPatient
+            image.SetMetaData("0020|1041", _ds(float(position @ normal)))  # SliceLocation
+            writer.SetFileName(str(staging / f"slice_{k:0{width}d}.dcm"))
+            writer.Execute(image)
+        _move_into_place(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _ds(*values: float) -> str:
+    """DICOM decimal string(s): at most 16 characters each, as many digits as fit, backslash-separated."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return "\\".join(format_number_as_ds(float(value)) for value in values)
+
+
+def _check_dicom_target(folder: Path) -> None:
+    """Refuse a target that is not new, empty, or a series `write_dicom_series` wrote before."""
+    expected = "a new or empty folder, or a DICOM series folder written by mednets"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise InvalidInputError("DICOM series target exists and is not a folder", source=str(folder), expected=expected)
+    if not folder.exists():
+        return
+    import pydicom
+
+    for entry in sorted(folder.iterdir()):
+        ours = entry.is_file() and not entry.is_symlink() and _DICOM_SLICE_NAME.fullmatch(entry.name) is not None
+        if ours:
+            try:
+                header = pydicom.dcmread(entry, stop_before_pixels=True, specific_tags=["SoftwareVersions"])
+                ours = str(header.get("SoftwareVersions", "")).startswith(_DICOM_SOFTWARE)
+            except Exception:  # not DICOM at all: someone else's file
+                ours = False
+        if not ours:
+            raise InvalidInputError(
+                "folder holds files that are not a mednets DICOM series; not replacing it",
+                source=str(folder),
+                expected=expected,
+                got=entry.name,
+            )
+
+
+def _dicom_pixels(array: np.ndarray, folder: Path) -> tuple[np.ndarray, float, float]:
+    """Stored int16 pixels and the (slope, intercept) mapping them back (rule: `write_dicom_series`)."""
+    if array.dtype.kind in "iub":
+        lo, hi = int(array.min()), int(array.max())
+        integral = True
+    elif array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InvalidInputError("DICOM pixels must be finite", source=str(folder), got="NaN or infinite values")
+        lo, hi = float(array.min()), float(array.max())
+        integral = bool(np.all(array == np.round(array)))
+    else:
+        raise InvalidInputError("DICOM holds real numbers only", source=str(folder), got=str(array.dtype))
+    if integral and lo >= -32768 and hi <= 32767:
+        return array.astype(np.int16, copy=False), 1.0, 0.0
+    if integral and hi - lo <= 65535 and max(abs(lo), abs(hi)) < 2**53:  # float64 and DS hold these exactly
+        intercept = float(lo + 32768)
+        return (array - intercept).astype(np.int16), 1.0, intercept
+    # Quantise with slope and intercept as a reader parses them back from their decimal strings, so
+    # the error stays within slope / 2 whatever digits the 16-character limit dropped.
+    slope = float(_ds((hi - lo) / 65535)) if hi > lo else 1.0
+    intercept = float(_ds(lo + 32768 * slope))
+    stored = np.clip(np.round((array.astype(np.float64) - intercept) / slope), -32768, 32767)
+    return stored.astype(np.int16), slope, intercept
+
+
+def _dicom_geometry(affine: np.ndarray, depth: int, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """LPS spacing, origin, direction columns (i, j, k) for DICOM, and whether the slice axis was reversed."""
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InvalidInputError("affine is singular or not finite", source=str(folder), got=affine.tolist())
+    spacing_xyz, origin_xyz, direction = _itk_geometry(affine)
+    spacing = np.asarray(spacing_xyz)
+    origin = np.asarray(origin_xyz)
+    axes = np.asarray(direction).reshape(3, 3)  # row-major like ITK: column c is index axis c's direction
+    # ImageOrientationPatient needs orthogonal row and column directions, and slice positions only
+    # carry the normal: a sheared affine would come back different.
+    deviation = float(np.abs(axes.T @ axes - np.eye(3)).max())
+    if deviation > _DICOM_GEOMETRY_TOLERANCE:
+        raise InvalidInputError(
+            "DICOM cannot store a sheared affine",
+            source=str(folder),
+            expected=f"orthogonal axes (within {_DICOM_GEOMETRY_TOLERANCE})",
+            got=f"deviation {deviation:.2g}",
+        )
+    reverse = float(np.cross(axes[:, 0], axes[:, 1]) @ axes[:, 2]) < 0
+    if reverse:  # left-handed: start from the last slice and step along the normal
+        origin = origin + (depth - 1) * spacing[2] * axes[:, 2]
+        axes[:, 2] = -axes[:, 2]
+    return spacing, origin, axes, reverse
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Rename the finished `staging` folder to `folder`, replacing an old series only once the new one is in."""
+    if not folder.exists() and not folder.is_symlink():
+        os.rename(staging, folder)
+        return
+    _check_dicom_target(folder)  # again: files may have appeared while the slices were written
+    retired = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
+    os.rename(folder, retired)
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        os.rename(retired, folder)  # put the previous series back
+        raise
+    # The new series is in place; failing to delete the old copy must not fail the write.
+    shutil.rmtree(retired, ignore_errors=True)

@@ -87,6 +87,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _parameter_groups(model: nn.Module, lr: float, multipliers: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Optimizer groups: parameters whose name contains a key of `multipliers` get `lr * multiplier`.
+
+    Raises:
+        ConfigError: a key matches no parameter (a typo would otherwise be silently ignored).
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    matched = set()
+    for name, parameter in model.named_parameters():
+        keys = [key for key in multipliers if key in name]
+        matched.update(keys)
+        factor = float(multipliers[keys[-1]]) if keys else 1.0
+        groups.setdefault(factor, []).append(parameter)
+    unmatched = sorted(set(multipliers) - matched)
+    if unmatched:
+        raise ConfigError("no parameter name contains this key", source="train.lr_multipliers", got=unmatched)
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
+
+
 def _rng_states() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     states: dict[str, Any] = {
@@ -208,7 +227,10 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            _parameter_groups(model, settings.lr, settings.lr_multipliers), lr=settings.lr,
+            weight_decay=settings.weight_decay,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_cosine(step, settings.warmup_steps, settings.max_steps)
         )

@@ -675,6 +675,7 @@ _TINY_STANDARD = {"backbone_channels": (4, 4, 8, 8, 16), "pmsa_channels": 4, "de
     param_count=5_507_066,
     tiny_overrides=_TINY_LIGHTWEIGHT,
     tiny_input_size=(32, 32, 24),
+    out_channels_option="num_classes",
 )
 def lhanet_lightweight(
     in_channels: int = 1,
@@ -708,6 +709,7 @@ def lhanet_lightweight(
     param_count=37_227_570,
     tiny_overrides=_TINY_STANDARD,
     tiny_input_size=(40, 33, 36),
+    out_channels_option="num_classes",
 )
 def lhanet_standard(
     in_channels: int = 1,

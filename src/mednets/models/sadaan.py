@@ -465,6 +465,7 @@ def resize_grid(model: SpatialAttentionMedicalSegmenter, new_dims: Sequence[int]
     param_count=8_019_230,
     tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
     tiny_input_size=(16, 16, 16),
+    out_channels_option="num_structures",
 )
 def sadaan(
     in_channels: int = 1,
@@ -500,6 +501,7 @@ def sadaan(
     param_count=2_973_678,
     tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
     tiny_input_size=(16, 16, 16),
+    out_channels_option="num_structures",
 )
 def sadaan_fast(
     in_channels: int = 1,
