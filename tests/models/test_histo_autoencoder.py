@@ -39,7 +39,7 @@ def traced_table(name: str) -> list[tuple[str, str, tuple[int, ...], int]]:
     [("histo_autoencoder", "HistoAutoencoder", 63), ("deep_histo_autoencoder", "DeepHistoAutoencoder", 92)],
 )
 def test_layer_table_matches_the_seed(shared_dir: Path, name: str, model_type: str, rows: int) -> None:
-    seed = next((shared_dir / "seeds").glob("001_*.txt")).read_text()
+    seed = next((shared_dir / "seeds").glob("001_*.txt")).read_text(encoding="utf-8")
     expected = seed_layer_table(seed, model_type)
     assert len(expected) == rows  # the parser read the whole seed table
     assert traced_table(name) == expected

@@ -44,7 +44,7 @@ def _labels_of(truth_folder: Path) -> dict[str, int]:
     """Structure name -> id from the truth's dataset.json if there is one, else the organ registry."""
     for candidate in (truth_folder / "dataset.json", truth_folder.parent / "dataset.json"):
         if candidate.is_file():
-            labels = json.loads(candidate.read_text())["labels"]
+            labels = json.loads(candidate.read_text(encoding="utf-8"))["labels"]
             return {str(name): int(i) for name, i in labels.items() if int(i) != 0}
     return {name: i for name, i in anatomy.label_names().items() if i != 0}
 
@@ -77,7 +77,7 @@ def evaluate_folders(
                 expected=truth.array.shape, got=predicted.array.shape,
             )  # fmt: skip
         sidecar = predictions[case].with_name(f"{case}.json")
-        structures = json.loads(sidecar.read_text())["structures"] if sidecar.is_file() else {}
+        structures = json.loads(sidecar.read_text(encoding="utf-8"))["structures"] if sidecar.is_file() else {}
         scores = score_structures(predicted.array, truth.array, labels, truth.spacing,
                                   nsd_tolerance_mm=nsd_tolerance_mm, min_voxels=min_voxels)  # fmt: skip
         for name, score in scores.items():

@@ -81,7 +81,7 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
                 "run folder is incomplete", source=str(required), expected="a run made by `mednets train`"
             )
     config = load_checkpoint_config(folder)
-    labels = {str(k): int(v) for k, v in json.loads((run_dir / "dataset.json").read_text())["labels"].items()}
+    labels = {str(k): int(v) for k, v in json.loads((run_dir / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
     model = build_model_for_data(config, len(labels))
     load_model_weights(folder, model)
     target = torch.device(device)
@@ -90,7 +90,7 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
         model=model.to(target).eval(),
         model_name=config.model.name,
         structures={name: i for name, i in sorted(labels.items(), key=lambda item: item[1]) if i != 0},
-        preprocessing=json.loads((run_dir / "preprocessing.json").read_text()),
+        preprocessing=json.loads((run_dir / "preprocessing.json").read_text(encoding="utf-8")),
         absence_aware=get_model_spec(config.model.name).task == "absence_segmentation",
         device=target,
     )

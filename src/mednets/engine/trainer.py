@@ -149,7 +149,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step and self.path.exists():
-            with self.path.open() as handle:
+            with self.path.open(encoding="utf-8") as handle:
                 self.rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
         from torch.utils.tensorboard import SummaryWriter
 
@@ -324,9 +324,14 @@ class Trainer:
                 source=str(self.checkpoint_dir / "last"),
                 got={k: v for k, v in reduced.items() if not math.isfinite(v)},
             )
-        if settings.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip or math.inf)
+        if not math.isfinite(float(norm)) and not self.scaler.is_enabled():  # fp16's scaler skips such steps itself
+            raise TrainingError(
+                f"gradient norm became {float(norm)} at step {self.state.step + 1} with a finite loss; "
+                "the last good checkpoint is kept",
+                source=str(self.checkpoint_dir / "last"),
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -18,6 +18,7 @@ from torch import nn
 from mednets.errors import UnknownNameError
 
 __all__ = [
+    "BF16SafeConv3d",
     "conv",
     "conv_transpose",
     "norm",
@@ -27,7 +28,6 @@ __all__ = [
     "ConvNormAct",
     "DoubleConv",
     "ResidualBlock",
-    "StridedResidualBlock",
     "Down",
     "Up",
     "pad_to_match",
@@ -35,7 +35,25 @@ __all__ = [
 
 LEAKY_RELU_SLOPE = 0.2
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+class BF16SafeConv3d(nn.Conv3d):
+    """`nn.Conv3d` that sidesteps a CPU bf16 bug: wrong weight gradients at depth 2.
+
+    Under CPU bf16 autocast, torch 2.13's Conv3d returns a wrong weight gradient (off by 100% up
+    to 1e37, or NaN) when the input has depth 2 and a batch of 2 or more, in either memory format
+    (measured; other sizes agree with fp32 within 0.5%). Such maps occur at the coarse levels of
+    3D networks and pooled context branches, and one bad step ruins a training run. Those calls
+    run in float32 here; everything else keeps the fast bf16 path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 2 and x.shape[0] > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self._conv_forward(x.float(), self.weight, self.bias)
+        return super().forward(x)
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: BF16SafeConv3d}
 _CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -222,41 +240,19 @@ class DoubleConv(nn.Sequential):
 
 
 class ResidualBlock(nn.Module):
-    """conv-norm-act-conv-norm plus identity, then act: `[B, C, *S] -> [B, C, *S]`.
+    """conv-norm-act-conv-norm plus a shortcut, then act: `[B, C_in, *S] -> [B, C_out, *S/stride]`.
 
-    Submodules are named `conv1`, `bn1`, `conv2`, `bn2` as in the seed's layer tables; the
-    activation is functional, so it has no row of its own there.
-    """
-
-    def __init__(
-        self, spatial_dims: int, channels: int, *, bias: bool = True, norm_kind: str = "batch", act: str = "relu"
-    ) -> None:
-        super().__init__()
-        self.conv1 = conv(spatial_dims, channels, channels, 3, bias=bias)
-        self.bn1 = norm(norm_kind, spatial_dims, channels)
-        self.conv2 = conv(spatial_dims, channels, channels, 3, bias=bias)
-        self.bn2 = norm(norm_kind, spatial_dims, channels)
-        self.act = functional_activation(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act(out + x)
-
-
-class StridedResidualBlock(nn.Module):
-    """ResNet's projection block: `[B, C_in, *S] -> [B, C_out, *S/stride]`.
-
-    conv-norm-act-conv-norm plus a projection shortcut (1x1(x1) convolution with the same stride,
-    then norm), then act; for stages that change the width or the resolution, where the identity
-    of `ResidualBlock` cannot be added. Submodules `conv1`, `bn1`, `conv2`, `bn2`, `shortcut`.
+    The shortcut is the identity when the block keeps width and resolution (no module: the
+    submodules are `conv1`, `bn1`, `conv2`, `bn2`, as in the seed's layer tables), and ResNet's
+    projection otherwise (`shortcut`: a strided 1x1(x1) convolution, then norm). The activation is
+    functional, so it has no row of its own in layer tables.
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: input channels.
-        out_channels: output channels.
-        stride: stride of the first convolution and of the shortcut (rounds up: `ceil(S / stride)`).
-        bias: convolution bias (ResNet has none: the norm supplies the shift).
+        out_channels: output channels (default `in_channels`).
+        stride: stride of the first convolution and of the shortcut (`ceil(S / stride)`).
+        bias: convolution bias (ResNet has none: the norm supplies the shift; seed 001 has one).
         norm_kind: see `norm`.
         act: see `activation`.
     """
@@ -265,28 +261,31 @@ class StridedResidualBlock(nn.Module):
         self,
         spatial_dims: int,
         in_channels: int,
-        out_channels: int,
+        out_channels: int | None = None,
         *,
-        stride: int = 2,
-        bias: bool = False,
+        stride: int = 1,
+        bias: bool = True,
         norm_kind: str = "batch",
         act: str = "relu",
     ) -> None:
         super().__init__()
+        out_channels = out_channels or in_channels
         self.conv1 = conv(spatial_dims, in_channels, out_channels, 3, stride=stride, bias=bias)
         self.bn1 = norm(norm_kind, spatial_dims, out_channels)
         self.conv2 = conv(spatial_dims, out_channels, out_channels, 3, bias=bias)
         self.bn2 = norm(norm_kind, spatial_dims, out_channels)
-        self.shortcut = nn.Sequential(
-            conv(spatial_dims, in_channels, out_channels, 1, stride=stride, bias=bias),
-            norm(norm_kind, spatial_dims, out_channels),
-        )
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                conv(spatial_dims, in_channels, out_channels, 1, stride=stride, bias=bias),
+                norm(norm_kind, spatial_dims, out_channels),
+            )
         self.act = functional_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.act(out + self.shortcut(x))
+        return self.act(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class Down(nn.Sequential):

@@ -45,7 +45,6 @@ from mednets.models.blocks import (
     DoubleConv,
     Down,
     ResidualBlock,
-    StridedResidualBlock,
     activation,
     conv,
     max_pool,
@@ -183,9 +182,7 @@ class ResNet3D18Backbone(Backbone):
         layers = dict(norm_kind=norm_kind, act=act)
 
         def basic_block(channels_in: int, channels_out: int, stride: int) -> nn.Module:
-            if stride == 1 and channels_in == channels_out:
-                return ResidualBlock(spatial_dims, channels_out, bias=False, **layers)
-            return StridedResidualBlock(spatial_dims, channels_in, channels_out, stride=stride, **layers)
+            return ResidualBlock(spatial_dims, channels_in, channels_out, stride=stride, bias=False, **layers)
 
         stem = ConvNormAct(spatial_dims, in_channels, c[0], 7, stride=2, padding=3, bias=False, **layers)
         layer1 = nn.Sequential(max_pool(spatial_dims, 2), basic_block(c[0], c[1], 1), basic_block(c[1], c[1], 1))
