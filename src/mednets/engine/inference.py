@@ -81,7 +81,9 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
                 "run folder is incomplete", source=str(required), expected="a run made by `mednets train`"
             )
     config = load_checkpoint_config(folder)
-    labels = {str(k): int(v) for k, v in json.loads((run_dir / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+    labels = {
+        str(k): int(v) for k, v in json.loads((run_dir / "dataset.json").read_text(encoding="utf-8"))["labels"].items()
+    }
     model = build_model_for_data(config, len(labels))
     load_model_weights(folder, model)
     target = torch.device(device)
