@@ -22,3 +22,12 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is missing: the real test data lives beside the project, not in the package")
     return SHARED
+
+
+@pytest.fixture
+def real_ct(shared_dir: Path) -> Path:
+    """`../shared/data/ct`: the real CT, its segmentation and the DICOM series."""
+    path = shared_dir / "data" / "ct"
+    if not (path / "example_ct_sm.nii.gz").is_file():
+        pytest.skip(f"{path} lacks the real CT files (see ../shared/data/README.md)")
+    return path

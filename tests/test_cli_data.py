@@ -15,14 +15,6 @@ from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
 
 
 @pytest.fixture
-def real_ct(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "ct"
-    if not (path / "example_ct_sm.nii.gz").is_file():
-        pytest.skip(f"{path} lacks the real CT files (see ../shared/data/README.md)")
-    return path
-
-
-@pytest.fixture
 def phantom_dataset(tmp_path: Path) -> Path:
     return write_phantom_dataset(tmp_path / "phantoms", 1, seed=0, config=PhantomConfig(shape=(16, 16, 16)))
 

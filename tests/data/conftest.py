@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: a tiny phantom dataset and the real CT files beside the project."""
+"""Fixtures for the data tests: a tiny phantom dataset (the real CT fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,3 @@ def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three 32^3 phantoms (10 mm voxels: the full 320 mm field of view), written once per session."""
     root = tmp_path_factory.mktemp("phantoms") / "ds"
     return write_phantom_dataset(root, 3, seed=7, config=PhantomConfig(shape=(32, 32, 32), absence_rates={}))
-
-
-@pytest.fixture
-def real_ct(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "ct"
-    if not (path / "example_ct_sm.nii.gz").is_file():
-        pytest.skip(f"{path} lacks the real CT files (see ../shared/data/README.md)")
-    return path
