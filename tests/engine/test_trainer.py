@@ -206,3 +206,11 @@ def test_lr_multipliers_make_their_own_group_and_typos_are_errors(tmp_path: Path
     assert rates == [pytest.approx(0.01), pytest.approx(0.1)]
     with pytest.raises(ConfigError, match="no parameter name contains"):
         make_trainer(tmp_path, make_config(tmp_path, lr_multipliers="{no_such_layer: 10}"))
+
+
+def test_time_budget_stops_early_and_validates_once(tmp_path: Path) -> None:
+    result = make_trainer(tmp_path, make_config(tmp_path, max_minutes=1e-6)).fit()
+    assert result["state"]["step"] == 1  # the budget is spent after the first step
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("val/dice")] == [1]
+    assert (tmp_path / "checkpoints" / "last").is_dir()

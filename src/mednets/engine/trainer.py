@@ -410,6 +410,7 @@ class Trainer:
         start = time.perf_counter() - self.state.elapsed_seconds
         bar = _progress_bar(self.progress and self.context.is_main, settings.max_steps, self.state.step)
         metrics: dict[str, float] = {}
+        validated_step = None
         stop = stop_after_step if stop_after_step is not None else settings.max_steps
         try:
             while self.state.step < min(stop, settings.max_steps):
@@ -429,9 +430,10 @@ class Trainer:
                 out_of_time = budget is not None and self._elapsed_everywhere() >= budget
                 if out_of_time or self.state.step % settings.val_every == 0:
                     metrics = self._validate_and_checkpoint(log) or metrics
+                    validated_step = self.state.step
                 if out_of_time:
                     break
-            if self.state.step % settings.val_every:
+            if validated_step != self.state.step:  # the final step always ends validated and saved
                 metrics = self._validate_and_checkpoint(log) or metrics
         finally:
             bar.close()
