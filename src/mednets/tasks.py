@@ -57,6 +57,11 @@ def _dice_per_class(labels: torch.Tensor, truth: torch.Tensor, num_classes: int)
     return torch.stack(scores, 1)  # [B, K]
 
 
+def _voxels_per_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Voxels of each foreground class per sample of a label map `[B, *S]`: `[B, K]`."""
+    return torch.stack([(labels == c).flatten(1).sum(1) for c in range(1, num_classes)], 1)
+
+
 def _nanmean_rows(values: torch.Tensor) -> torch.Tensor:
     """Mean over axis 1 ignoring NaN; NaN where a row has no value."""
     return values.nanmean(1)
@@ -85,7 +90,7 @@ class SegmentationTask(Task):
     def predict(self, outputs: Any) -> dict[str, torch.Tensor]:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
         labels = logits.argmax(1)
-        present = torch.stack([(labels == c).flatten(1).any(1) for c in range(1, self.num_classes)], 1)
+        present = _voxels_per_class(labels, self.num_classes) > 0
         return {"labels": labels, "presence_probs": present.float()}
 
     def batch_metrics(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -98,9 +103,7 @@ class SegmentationTask(Task):
                 (predicted["presence_probs"].bool() == batch["presence"].bool()).float().mean(1)
             )
             absent = ~batch["presence"].bool()
-            painted = torch.stack(
-                [(predicted["labels"] == c).flatten(1).sum(1) for c in range(1, self.num_classes)], 1
-            ).float()
+            painted = _voxels_per_class(predicted["labels"], self.num_classes).float()
             metrics["absent_painted_voxels"] = (painted * absent).sum(1)
         return metrics
 
@@ -144,7 +147,7 @@ class AbsenceSegmentationTask(Task):
         truth = batch["label"]
         presence = batch.get("presence", self._targets(batch)["segmentation_targets"].flatten(2).any(-1)).bool()
         dice = _dice_per_class(predicted["labels"], truth, self.num_classes)
-        painted = torch.stack([(predicted["labels"] == c).flatten(1).sum(1) for c in range(1, self.num_classes)], 1)
+        painted = _voxels_per_class(predicted["labels"], self.num_classes)
         return {
             "dice": _nanmean_rows(dice),
             "presence_accuracy": (predicted["present"].bool() == presence).float().mean(1),
