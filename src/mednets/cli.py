@@ -276,6 +276,53 @@ def predict_command(
         raise typer.Exit(1)
 
 
+@app.command("denoise")
+def denoise_command(
+    source: Annotated[Path, typer.Argument(help="Image file (PNG, JPEG, TIFF, SVS level 0) or folder of images.")],
+    target: Annotated[Path, typer.Argument(help="Output file (for one input file) or folder.")],
+    run: Annotated[Path, typer.Option("--run", help="Denoising run folder made by `mednets train`.")],
+    tile: Annotated[int, typer.Option("--tile", min=16, help="Tile side in pixels.")] = 256,
+    overlap: Annotated[int, typer.Option("--overlap", min=3, help="Pixels shared by neighbouring tiles.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per forward pass.")] = 4,
+    precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Denoise images of any size with overlapping, seamlessly blended tiles; same format and bit depth out."""
+    from mednets.engine.denoise import denoise_paths, load_denoiser
+
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
+    model = load_denoiser(run, checkpoint=checkpoint, device=device)
+    result = denoise_paths(model, source, target, tile=tile, overlap=overlap, margin=overlap // 4,
+                           batch_size=batch_size, precision=precision)  # fmt: skip
+    for path in result["written"]:
+        console.print(f"wrote {path}")
+    for _path, message in result["failed"]:  # the message names the file
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]failed:[/] {message}", highlight=False)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("dataset2d")
+def dataset2d_command(
+    image: Annotated[Path, typer.Option("--image", help="The image (grey or colour, PNG or TIFF).")],
+    mask: Annotated[Path, typer.Option("--mask", help="Its label map, same size.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for train/ (left half) and test/ (right half).")],
+    structure: Annotated[str, typer.Option("--structure", help="Name of label 1 (with --binary).")] = "foreground",
+    channel: Annotated[str, typer.Option("--channel", help="Name of the image channel (CT is windowed).")] = "image",
+    binary: Annotated[bool, typer.Option("--binary/--multi-label", help="Label = mask > 0.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output.")] = False,
+) -> None:
+    """Split one image and its mask into 2D dataset folders: left half for training, right half for testing."""
+    from mednets.data.dataset2d import split_image_pair
+
+    paths = split_image_pair(image, mask, out, structure=structure, channel_name=channel, binary=binary,
+                             overwrite=overwrite)  # fmt: skip
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mednets` script; returns the exit code (2 for a user error)."""
     args = join_multi_value_options(list(sys.argv[1:] if argv is None else argv))

@@ -66,6 +66,10 @@ class DataConfig:
         augment: random flips (where anatomy allows), small rotations/scalings, intensity shifts.
         num_workers: data-loader worker processes.
         tile_size: tile size of 2D tasks.
+        noise: noise of denoising tasks: "seed" (the seed's mixture) or a list of stages, e.g.
+            `[{model: gaussian, sigma: 0.1}]` (`mednets.data.histology`).
+        min_tissue: least share of tissue pixels in a histology tile.
+        stain_augment: stain augmentation strength of histology tiles (0 disables it).
     """
 
     dataset: str | None = None
@@ -79,6 +83,9 @@ class DataConfig:
     augment: bool = True
     num_workers: int = 0
     tile_size: int = 128
+    noise: str | tuple[dict[str, Any], ...] = "seed"
+    min_tissue: float = 0.25
+    stain_augment: float = 0.2
 
 
 @dataclass

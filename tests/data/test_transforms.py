@@ -1,4 +1,4 @@
-"""MONAI pipelines: windowing, resampling, grid resize and inverse, presence-aware crops, augmentation, tiles."""
+"""MONAI pipelines: windowing, resampling, grid resize and inverse, presence-aware crops, augmentation."""
 
 from __future__ import annotations
 
@@ -11,22 +11,18 @@ import torch
 from mednets.data.dataset import load_dataset
 from mednets.data.io import read_volume
 from mednets.data.transforms import (
-    NOISE_MODELS,
     GridResize,
-    HistoNoised,
     LoadVolumed,
     PresenceAwareCropd,
-    add_noise,
     allowed_flip_axes,
     augmentation,
     ct_normalisation,
     ct_segmentation_pipeline,
-    histology_tile_pipeline,
     labels_from_logits,
     location_prior,
     resample_to_spacing,
 )
-from mednets.errors import ConfigError, UnknownNameError
+from mednets.errors import ConfigError
 
 
 def test_ct_window_maps_hu_to_unit_range() -> None:
@@ -129,37 +125,3 @@ def test_full_pipeline_on_phantoms(phantom_dataset: Path) -> None:
     assert tuple(augmented["label"].shape) == (1, 16, 16, 16)
     with pytest.raises(ConfigError):
         ct_segmentation_pipeline(grid=(16, 16, 16), patch_size=(8, 8, 8))
-
-
-@pytest.mark.parametrize("model", NOISE_MODELS)
-def test_noise_models_degrade_but_stay_in_unit_range(model: str) -> None:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    clean = np.stack([yy, xx, (yy + xx) / 2]).astype(np.float32)
-    clean[:, 8:24, 14:18] = 1.0  # an edge for the blurs to soften
-    noisy = add_noise(clean, model, rng, strength=0.7)
-    assert noisy.shape == clean.shape and noisy.dtype == np.float32
-    assert noisy.min() >= 0.0 and noisy.max() <= 1.0
-    assert np.abs(noisy - clean).mean() > 1e-3
-    with pytest.raises(UnknownNameError):
-        add_noise(clean, "speckles", rng)
-
-
-def test_histology_pipeline_target_is_the_clean_tile(shared_dir: Path) -> None:
-    tile = read_volume(shared_dir / "data" / "histology" / "high-nuclei-score-level2.png").array  # RGBA uint8
-    pipeline = histology_tile_pipeline(64, augment=False)
-    pipeline.set_random_state(0)
-    out = pipeline({"image": tile})
-    assert tuple(out["image"].shape) == (3, 64, 64) and tuple(out["target"].shape) == (3, 64, 64)
-    assert float(out["target"].min()) >= 0.0 and float(out["target"].max()) <= 1.0
-    assert out["noise_model"] in NOISE_MODELS
-    # The target is an exact crop of the clean tile in [0, 1].
-    rgb = tile[..., :3].transpose(2, 0, 1).astype(np.float32) / 255.0
-    target = np.asarray(out["target"])
-    found = any(np.array_equal(rgb[:, i : i + 64, j : j + 64], target) for i in range(0, 449) for j in range(0, 449))
-    assert found
-
-
-def test_histo_noise_rejects_unknown_model() -> None:
-    with pytest.raises(UnknownNameError):
-        HistoNoised(models=["gaussian", "film_grain"])

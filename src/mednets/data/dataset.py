@@ -226,7 +226,7 @@ def _scan_images(folder: Path, ending: str, channels: list[int], problems: list[
 
 
 def _geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape [D, H, W] and affine, from the header only where the format allows."""
+    """Shape [D, H, W] (2D images: [H, W], colour channels left out) and affine, from the header where possible."""
     if path.name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
@@ -235,7 +235,7 @@ def _geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     from mednets.data.io import read_volume
 
     volume = read_volume(path)
-    return volume.array.shape, volume.affine
+    return volume.spatial_shape, volume.affine
 
 
 def validate_dataset(root: str | os.PathLike[str], *, check_values: bool = True) -> list[str]:

@@ -1,5 +1,5 @@
 """MONAI transform pipelines per task: CT windowing, resampling, model-grid resize and its inverse,
-presence-aware patch sampling, anatomy-respecting augmentation, and histology tiles with noise models.
+presence-aware patch sampling and anatomy-respecting augmentation (histology tiles: `mednets.data.histology`).
 
 Dictionary transforms work on MONAI-style records ``{"image": ..., "label": ..., "presence": ...}``.
 Arrays are channel-first ``[C, D, H, W]`` (3D) or ``[C, H, W]`` (2D). `LoadVolumed` reads files with
@@ -10,7 +10,6 @@ resize transforms keep geometry right.
 
 from __future__ import annotations
 
-import io as _io
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -25,10 +24,8 @@ from monai.transforms import (
     RandCropByLabelClassesd,
     RandFlipd,
     Randomizable,
-    RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RandSpatialCropd,
     Resize,
     ScaleIntensityRanged,
     Spacingd,
@@ -37,21 +34,17 @@ from monai.transforms import (
 from scipy import ndimage
 
 from mednets import anatomy
-from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
+from mednets.errors import ConfigError, InvalidInputError
 
 __all__ = [
     "DEFAULT_HU_WINDOW",
-    "NOISE_MODELS",
     "GridResize",
-    "HistoNoised",
     "LoadVolumed",
     "PresenceAwareCropd",
-    "add_noise",
     "allowed_flip_axes",
     "augmentation",
     "ct_normalisation",
     "ct_segmentation_pipeline",
-    "histology_tile_pipeline",
     "labels_from_logits",
     "location_prior",
     "monai_affine",
@@ -407,143 +400,4 @@ def ct_segmentation_pipeline(
         transforms.append(PresenceAwareCropd(["image", "label"], "label", patch_size, prior or {}, num_classes))
     if augment:
         transforms.append(augmentation(flip_axes=allowed_flip_axes(label_names)))
-    return Compose(transforms)
-
-
-# --- Histology tiles ------------------------------------------------------------------------------
-
-
-def add_noise(tile: np.ndarray, model: str, rng: np.random.Generator, strength: float = 0.5) -> np.ndarray:
-    """Degrade a clean tile with one noise model.
-
-    Args:
-        tile: float ``[C, H, W]`` in [0, 1].
-        model: one of `NOISE_MODELS`.
-        rng: random generator.
-        strength: 0 (barely) to 1 (heavy).
-
-    Returns:
-        The noisy tile, float32 ``[C, H, W]`` in [0, 1].
-    """
-    tile = np.asarray(tile, dtype=np.float32)
-    strength = float(np.clip(strength, 0.0, 1.0))
-    if model == "gaussian":
-        noisy = tile + rng.normal(0.0, 0.02 + 0.13 * strength, tile.shape)
-    elif model == "poisson":
-        peak = 255.0 * (1.0 - strength) + 8.0 * strength  # photons at white: fewer = noisier
-        noisy = rng.poisson(tile * peak) / peak
-    elif model == "salt_and_pepper":
-        flips = rng.random(tile.shape[1:]) < 0.01 + 0.09 * strength
-        noisy = tile.copy()
-        noisy[:, flips] = (rng.random(int(flips.sum())) < 0.5).astype(np.float32)[None, :]
-    elif model == "gaussian_blur":
-        sigma = 0.5 + 2.5 * strength
-        noisy = ndimage.gaussian_filter(tile, (0.0, sigma, sigma))
-    elif model == "motion_blur":
-        length = 3 + round(12 * strength)
-        angle = rng.uniform(0.0, 180.0)
-        kernel = np.zeros((length, length), dtype=np.float32)
-        kernel[length // 2, :] = 1.0
-        kernel = ndimage.rotate(kernel, angle, reshape=False, order=1)
-        kernel /= max(float(kernel.sum()), 1e-6)
-        noisy = np.stack([ndimage.convolve(channel, kernel, mode="reflect") for channel in tile])
-    elif model == "jpeg":
-        from PIL import Image
-
-        quality = round(60 - 55 * strength)
-        pixels = (np.clip(tile, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        image = Image.fromarray(pixels.transpose(1, 2, 0) if pixels.shape[0] == 3 else pixels[0])
-        buffer = _io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(Image.open(buffer), dtype=np.float32) / 255.0
-        noisy = decoded.transpose(2, 0, 1) if decoded.ndim == 3 else decoded[None]
-    else:
-        raise UnknownNameError("unknown noise model", source="noise model", expected=", ".join(NOISE_MODELS), got=model)
-    return np.clip(noisy, 0.0, 1.0).astype(np.float32)
-
-
-class HistoNoised(Randomizable, MapTransform):
-    """Copy the clean tile to `target_key`, then degrade `keys` with a randomly chosen noise model.
-
-    The target stays the clean tile in [0, 1], the output space of the denoising autoencoders.
-
-    Args:
-        keys: the input tile key(s), float ``[C, H, W]`` in [0, 1].
-        target_key: where the clean tile goes.
-        models: noise models to draw from (`NOISE_MODELS`).
-        strength: (low, high) range of the noise strength.
-    """
-
-    def __init__(
-        self,
-        keys: Sequence[str] = ("image",),
-        target_key: str = "target",
-        models: Sequence[str] = NOISE_MODELS,
-        strength: tuple[float, float] = (0.2, 0.8),
-    ):
-        MapTransform.__init__(self, keys)
-        for model in models:
-            if model not in NOISE_MODELS:
-                raise UnknownNameError(
-                    "unknown noise model", source="models", expected=", ".join(NOISE_MODELS), got=model
-                )
-        self.target_key = target_key
-        self.models = tuple(models)
-        self.strength = strength
-        self._model = self.models[0]
-        self._strength = float(strength[0])
-        self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        self._model = self.models[int(self.R.randint(len(self.models)))]
-        self._strength = float(self.R.uniform(*self.strength))
-        self._seed = int(self.R.randint(2**31))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        self.randomize()
-        out = dict(data)
-        rng = np.random.default_rng(self._seed)
-        for key in self.key_iterator(out):
-            clean = np.asarray(torch.as_tensor(out[key]).float().clamp(0.0, 1.0))
-            out[self.target_key] = torch.from_numpy(clean.copy())
-            out[key] = torch.from_numpy(add_noise(clean, self._model, rng, self._strength))
-            out["noise_model"] = self._model
-        return out
-
-
-class _TileToTensord(MapTransform):
-    """uint8 ``[H, W, C]`` (RGBA or RGB or grey) -> float ``[3, H, W]`` in [0, 1], alpha dropped."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        for key in self.key_iterator(out):
-            array = np.asarray(out[key])
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=-1)
-            array = array[..., :3]
-            scale = 255.0 if array.dtype == np.uint8 else 65535.0 if array.dtype == np.uint16 else 1.0
-            out[key] = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / scale)
-        return out
-
-
-def histology_tile_pipeline(
-    tile_size: int = 256,
-    *,
-    models: Sequence[str] = NOISE_MODELS,
-    strength: tuple[float, float] = (0.2, 0.8),
-    augment: bool = True,
-) -> Compose:
-    """Histology denoising pipeline on ``{"image": uint8 [H, W, C]}``: to [0, 1], random tile, flips and
-    90-degree turns (a slide has no up or left), then noise; returns ``image`` (noisy) and ``target`` (clean)."""
-    transforms: list[Any] = [
-        _TileToTensord(["image"]),
-        RandSpatialCropd(["image"], roi_size=(tile_size, tile_size), random_size=False),
-    ]
-    if augment:
-        transforms += [
-            RandFlipd(["image"], prob=0.5, spatial_axis=0),
-            RandFlipd(["image"], prob=0.5, spatial_axis=1),
-            RandRotate90d(["image"], prob=0.5),
-        ]
-    transforms.append(HistoNoised(["image"], "target", models, strength))
     return Compose(transforms)

@@ -1,6 +1,6 @@
 """Evaluate predicted label maps against the truth: per case and structure, then summaries.
 
-Predictions and truths are matched by case name (`<case>.nii.gz` in both folders; a truth folder
+Predictions and truths are matched by case name (`<case>.nii.gz`, or 2D `<case>.png|.tif`, in both folders; a truth folder
 may also be a dataset folder, whose `labelsTr/` is used). A prediction's JSON sidecar
 (`<case>.json`, written by `mednets predict`) supplies presence probabilities; without one,
 presence is read from the mask. Conventions: `mednets.metrics`.
@@ -37,7 +37,9 @@ class Evaluation:
 def _case_files(folder: Path) -> dict[str, Path]:
     if (folder / "labelsTr").is_dir():
         folder = folder / "labelsTr"
-    return {p.name[: -len(".nii.gz")]: p for p in sorted(folder.glob("*.nii.gz"))}
+    files = {p.name[: -len(".nii.gz")]: p for p in sorted(folder.glob("*.nii.gz"))}
+    files.update({p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in (".png", ".tif", ".tiff")})  # 2D
+    return files
 
 
 def _labels_of(truth_folder: Path) -> dict[str, int]:

@@ -35,6 +35,7 @@ from mednets.atomic import atomic_write_text
 from mednets.data.io import Volume, read_volume, write_volume
 from mednets.data.transforms import labels_from_logits
 from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights
+from mednets.engine.predict2d import predict_paths_2d
 from mednets.engine.training import build_model_for_data
 from mednets.errors import CheckpointError, InvalidInputError, MednetsError
 from mednets.models import get_model_spec
@@ -292,6 +293,8 @@ def predict_paths(
     Returns:
         `{"written": [paths], "failed": [(input, message)]}`.
     """
+    if run.preprocessing.get("spatial_dims") == 2:  # 2D segmentation: label images of the input's size
+        return predict_paths_2d(run, inputs, out_dir, progress=progress, **options)
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)

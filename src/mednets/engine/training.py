@@ -91,12 +91,16 @@ def run_training(
     """Train the configured model into `run_dir`; returns the final state and validation metrics.
 
     Raises:
-        ConfigError: the model's task is not a 3D segmentation task this entry point serves.
+        ConfigError: the model's task is not one this entry point serves (2D models go to `run_training_2d`).
         DatasetError: the dataset folder breaks the documented format.
     """
     run_dir = Path(run_dir)
     context = init_distributed(config.train.device)
     spec = get_model_spec(config.model.name)
+    if spec.spatial_dims == 2:  # histology denoising and 2D segmentation
+        from mednets.engine.training2d import run_training_2d
+
+        return run_training_2d(config, run_dir, data_dir=data_dir, resume=resume, progress=progress)
     if spec.task not in ("segmentation", "absence_segmentation") or spec.spatial_dims != 3:
         raise ConfigError("run_training trains 3D segmenters", source="model.name", got=f"{spec.name} ({spec.task})")
     if data_dir is not None:

@@ -1,0 +1,131 @@
+"""Denoise images of any size with a trained autoencoder run: tiled, blended, written in the input's format.
+
+`mednets denoise --run RUN IN OUT` calls `load_denoiser` and `denoise_paths`. Pixels are scaled to
+[0, 1] by their bit depth (`mednets.data.images2d`), denoised with overlapping tiles
+(`mednets.engine.tiling`) and written back with the input's dtype, channels and format: grey images
+go through the RGB model as three equal channels and come back as their mean, an alpha channel is
+kept as it was, every page of a multi-page TIFF is denoised, and SVS slides (level 0) are written as
+TIFF.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mednets.data.images2d import from_unit_range, list_image_files, to_unit_range
+from mednets.data.io import Volume, read_image, write_volume
+from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights
+from mednets.engine.tiling import tiled_apply
+from mednets.errors import CheckpointError, ConfigError, MednetsError
+from mednets.models import create_model, get_model_spec
+
+__all__ = ["denoise_array", "denoise_image", "denoise_paths", "load_denoiser"]
+
+
+def load_denoiser(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", device: str = "cpu") -> nn.Module:
+    """The autoencoder of a denoising run (`checkpoints/<checkpoint>`, else `last`), in eval mode on `device`.
+
+    Raises:
+        CheckpointError: no checkpoint in the run folder.
+        ConfigError: the run trained another task.
+    """
+    folder = Path(run_dir) / "checkpoints" / checkpoint
+    if not folder.is_dir():
+        folder = Path(run_dir) / "checkpoints" / "last"
+    if not folder.is_dir():
+        raise CheckpointError("no checkpoint in run folder", source=str(run_dir), expected="a run of `mednets train`")
+    config = load_checkpoint_config(folder)
+    spec = get_model_spec(config.model.name)
+    if spec.task != "denoising":
+        raise ConfigError("not a denoising run (use `mednets predict`)", source=str(run_dir), got=spec.task)
+    model = create_model(config.model.name, **config.model.overrides)
+    load_model_weights(folder, model)
+    return model.to(torch.device(device)).eval()
+
+
+def denoise_array(
+    model: nn.Module,
+    rgb: torch.Tensor,
+    *,
+    tile: int = 256,
+    overlap: int = 64,
+    margin: int = 16,
+    batch_size: int = 4,
+    precision: str = "bf16",
+) -> torch.Tensor:
+    """Denoise an RGB image ``[3, H, W]`` in [0, 1] of any size; returns ``[3, H, W]`` float32 in [0, 1].
+
+    Args:
+        model: a denoising autoencoder in eval mode.
+        rgb: the noisy image.
+        tile, overlap, margin, batch_size: tiling (`tiled_apply`).
+        precision: "bf16" (autocast) or "fp32".
+    """
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), autocast:
+        out = tiled_apply(model, rgb.to(device), tile=tile, overlap=overlap, margin=margin, batch_size=batch_size)
+    return out.clamp(0.0, 1.0)
+
+
+def denoise_image(model: nn.Module, array: np.ndarray, **options: Any) -> np.ndarray:
+    """Denoise pixels ``[H, W]`` or ``[H, W, C]`` (C = 1 to 4; alpha kept) into the same shape and dtype.
+
+    `options` go to `denoise_array`.
+    """
+    unit = to_unit_range(array)
+    pixels = unit[..., None] if unit.ndim == 2 else unit
+    colour = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
+    rgb = torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)))
+    denoised = denoise_array(model, rgb, **options).cpu().numpy().transpose(1, 2, 0)
+    if pixels.shape[-1] < 3:
+        denoised = denoised.mean(-1, keepdims=True)
+    out = np.concatenate([denoised, pixels[..., denoised.shape[-1] :]], axis=-1)  # alpha as it was
+    return from_unit_range(out.reshape(array.shape), array.dtype)
+
+
+def _output_path(source: Path, target: Path, single: bool) -> Path:
+    name = source.with_suffix(".tif").name if source.suffix.lower() == ".svs" else source.name
+    if single and target.suffix and not target.is_dir():
+        return target
+    return target / name
+
+
+def denoise_paths(
+    model: nn.Module,
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, list[Any]]:
+    """Denoise an image file (into `target`, a file or a folder) or every image of a folder (into folder `target`).
+
+    An image that cannot be read or written is reported and skipped; the rest continue.
+
+    Returns:
+        `{"written": [paths], "failed": [(input, message)]}`.
+    """
+    from tqdm.auto import tqdm
+
+    source, target = Path(source), Path(target)
+    files = list_image_files(source)
+    written: list[Path] = []
+    failed: list[tuple[str, str]] = []
+    for path in tqdm(files, desc="denoising", unit="image", disable=not progress):
+        try:
+            volume = read_image(path)
+            pages = volume.array.ndim - (2 if volume.channel_axis is None else 3)
+            stack = volume.array.reshape(-1, *volume.array.shape[pages:])
+            denoised = np.stack([denoise_image(model, page, **options) for page in stack]).reshape(volume.array.shape)
+            out = Volume(denoised, channel_axis=volume.channel_axis)
+            written.append(write_volume(out, _output_path(path, target, single=source.is_file())))
+        except MednetsError as error:
+            failed.append((str(path), str(error)))
+    return {"written": written, "failed": failed}
