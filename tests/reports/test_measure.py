@@ -22,6 +22,23 @@ def test_conv3d_strided_flops_match_the_formula() -> None:
     assert count_flops(layer, x) == 2 * 6 * out.numel() * 4 * 27
 
 
+class ExpandedParameter(torch.nn.Module):
+    """Returns a view of a parameter, as SADAAn's position prior does: under no_grad it needs grad yet has no grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prior = torch.nn.Parameter(torch.zeros(1, 3, 4))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": x @ x.T, "prior": self.prior.expand(x.shape[0], 3, 4)}
+
+
+def test_flops_of_a_model_returning_a_parameter_view() -> None:
+    model = ExpandedParameter()
+    assert count_flops(model, torch.randn(2, 5)) == 2 * 2 * 2 * 5
+    assert model.prior.requires_grad  # restored afterwards
+
+
 def allocate_megabytes(megabytes: int) -> float:
     block = torch.ones(megabytes, 2**18)  # 2**18 float32 = 1 MiB per row
     return float(block[0, 0])

@@ -108,9 +108,18 @@ def count_flops(module: nn.Module, *inputs: Any) -> int:
     A multiply-add counts as 2 FLOPs; convolutions, matrix products and attention are counted,
     element-wise work (bias, normalisation, activations) is not.
     """
+    # Under no_grad a view of a parameter still requires grad but has no grad_fn (SADAAn's expanded
+    # position prior), which the counter's module tracker cannot hook: count with gradients off.
+    flags = [(p, p.requires_grad) for p in module.parameters()]
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        module(*inputs)
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        with counter, torch.no_grad():
+            module(*inputs)
+    finally:
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
     return int(counter.get_total_flops())
 
 
