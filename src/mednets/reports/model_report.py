@@ -11,11 +11,12 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from mednets.atomic import atomic_write_text
@@ -24,7 +25,16 @@ from mednets.models import create_model, get_model_spec
 from mednets.reports.figures import figure_to_base64, plot_data_flow, plot_parameter_breakdown
 from mednets.reports.measure import count_flops, median_time, run_measured
 
-__all__ = ["LayerRow", "StageRow", "ModelMeasurements", "measure_model", "write_model_report"]
+__all__ = [
+    "LayerRow",
+    "StageRow",
+    "ModelMeasurements",
+    "describe_model",
+    "measure_model",
+    "model_figures",
+    "render_html_sections",
+    "write_model_report",
+]
 
 _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -52,7 +62,10 @@ class StageRow:
 
 @dataclass
 class ModelMeasurements:
-    """Everything the report shows about one model at one input size."""
+    """Everything the report shows about one model at one input size.
+
+    Memory and time are None when not measured (`describe_model`: the structure only).
+    """
 
     name: str
     architecture: str
@@ -64,10 +77,10 @@ class ModelMeasurements:
     layers: list[LayerRow]
     stages: list[StageRow]
     flops: int
-    inference_peak_mb: float
-    train_peak_mb: float
-    inference_seconds: float
-    train_step_seconds: float
+    inference_peak_mb: float | None
+    train_peak_mb: float | None
+    inference_seconds: float | None
+    train_step_seconds: float | None
     device: str
     breakdown: list[tuple[str, int]] = field(default_factory=list)
 
@@ -185,10 +198,40 @@ def _train_run(name: str, input_shape: tuple[int, ...], device: str, repeats: in
     return median_time(step, repeats=repeats, warmup=1)
 
 
+def describe_model(
+    model: nn.Module, name: str, input_shape: Sequence[int], *, description: str = ""
+) -> ModelMeasurements:
+    """The structure of a built model, from one pass at `input_shape` = `(B, C, *spatial)`.
+
+    Layers, stages, FLOPs and parameters are measured by running the model once in this process;
+    peak memory and times are left unmeasured (None): `measure_model` adds them.
+    """
+    x = torch.randn(tuple(input_shape))
+    layers, stages = trace_layers(model, x)
+    return ModelMeasurements(
+        name=name,
+        architecture=type(model).__name__,
+        description=description,
+        input_shape=tuple(input_shape),
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        weight_layers=sum(isinstance(m, _WEIGHT_LAYERS) for m in model.modules()),
+        layers=layers,
+        stages=stages,
+        flops=count_flops(model, x),
+        inference_peak_mb=None,
+        train_peak_mb=None,
+        inference_seconds=None,
+        train_step_seconds=None,
+        device="cpu",
+        breakdown=_parameter_breakdown(model),
+    )
+
+
 def measure_model(
     name: str, input_shape: Sequence[int], *, batch_size: int = 1, device: str = "cpu", repeats: int = 3
 ) -> ModelMeasurements:
-    """Measure model `name` at `input_shape` = `(C, *spatial)`.
+    """Measure model `name` at `input_shape` = `(C, *spatial)`: structure, peak memory and times.
 
     Raises:
         ConfigError: the channels or the number of spatial axes do not fit the model.
@@ -204,29 +247,16 @@ def measure_model(
             got=" ".join(map(str, input_shape)),
         )
     full_shape = (batch_size, *input_shape)
-    model = _build(name, "cpu", train=False)
-    x = torch.randn(full_shape)
-    layers, stages = trace_layers(model, x)
-    flops = count_flops(model, x)
+    structure = describe_model(_build(name, "cpu", train=False), name, full_shape, description=spec.description)
     inference = run_measured(_inference_run, name, full_shape, device, repeats, device=device)
     training = run_measured(_train_run, name, full_shape, device, repeats, device=device)
-    return ModelMeasurements(
-        name=name,
-        architecture=type(model).__name__,
-        description=spec.description,
-        input_shape=full_shape,
-        total_params=sum(p.numel() for p in model.parameters()),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        weight_layers=sum(isinstance(m, _WEIGHT_LAYERS) for m in model.modules()),
-        layers=layers,
-        stages=stages,
-        flops=flops,
+    return replace(
+        structure,
         inference_peak_mb=inference.peak_mb,
         train_peak_mb=training.peak_mb,
         inference_seconds=inference.value,
         train_step_seconds=training.value,
         device=device,
-        breakdown=_parameter_breakdown(model),
     )
 
 
@@ -262,10 +292,15 @@ def _summary_rows(m: ModelMeasurements) -> list[tuple[str, str]]:
         ("Weights size (fp32)", f"{m.size_mb:.2f} MB"),
         ("Weight layers (conv + linear)", str(m.weight_layers)),
         ("FLOPs per forward pass", f"{m.flops / 1e9:.2f} GFLOP"),
-        (f"Peak memory, inference ({m.device}, measured)", f"{m.inference_peak_mb:.1f} MB"),
-        (f"Peak memory, training step with Adam ({m.device}, measured)", f"{m.train_peak_mb:.1f} MB"),
-        ("Inference time (median)", f"{m.inference_seconds * 1000:.1f} ms"),
-        ("Training step time (median)", f"{m.train_step_seconds * 1000:.1f} ms"),
+    ] + [
+        (label, fmt.format(value * scale))
+        for label, value, fmt, scale in (
+            (f"Peak memory, inference ({m.device}, measured)", m.inference_peak_mb, "{:.1f} MB", 1),
+            (f"Peak memory, training step with Adam ({m.device}, measured)", m.train_peak_mb, "{:.1f} MB", 1),
+            ("Inference time (median)", m.inference_seconds, "{:.1f} ms", 1000),
+            ("Training step time (median)", m.train_step_seconds, "{:.1f} ms", 1000),
+        )
+        if value is not None  # not measured (`describe_model`)
     ]
 
 
@@ -369,33 +404,46 @@ img { max-width: 100%; } details { margin-bottom: 1rem; }
 """
 
 
+def render_html_sections(m: ModelMeasurements, images: dict[str, str]) -> str:
+    """One model's part of the HTML report (h2, h3 sections); `images[kind]` are base64 PNGs."""
+    body = [f"<h2>{html.escape(m.name)}</h2>", f"<p>{html.escape(m.description)}</p>"]
+    for title, text, table in _sections(m):
+        content = []
+        if text:
+            content.append(f"<pre>{html.escape(text)}</pre>")
+        if table:
+            content.append(_html_table(*table))
+        if title.startswith("Parameter breakdown by component"):
+            content.append(f'<img alt="parameters" src="data:image/png;base64,{images["parameters"]}">')
+        if title == "Data-flow map":
+            content.append(f'<img alt="data flow" src="data:image/png;base64,{images["data_flow"]}">')
+        if title.startswith("Architecture map"):
+            body.append(
+                f"<details><summary><h3 style='display:inline'>{title}</h3></summary>{''.join(content)}</details>"
+            )
+        else:
+            body += [f"<h3>{html.escape(title)}</h3>", *content]
+    return "".join(body)
+
+
 def render_html(models: Sequence[ModelMeasurements], images: dict[str, dict[str, str]]) -> str:
     """The report as one self-contained HTML page; `images[model][kind]` are base64 PNGs."""
     body = ["<h1>mednets model report</h1>", f"<p>{html.escape(_NOTES)}</p>"]
     if len(models) > 1:
         body += ["<h2>Comparison</h2>", _html_table(*_comparison_rows(models))]
-    for m in models:
-        body += [f"<h2>{html.escape(m.name)}</h2>", f"<p>{html.escape(m.description)}</p>"]
-        for title, text, table in _sections(m):
-            content = []
-            if text:
-                content.append(f"<pre>{html.escape(text)}</pre>")
-            if table:
-                content.append(_html_table(*table))
-            if title.startswith("Parameter breakdown by component"):
-                content.append(f'<img alt="parameters" src="data:image/png;base64,{images[m.name]["parameters"]}">')
-            if title == "Data-flow map":
-                content.append(f'<img alt="data flow" src="data:image/png;base64,{images[m.name]["data_flow"]}">')
-            if title.startswith("Architecture map"):
-                body.append(
-                    f"<details><summary><h3 style='display:inline'>{title}</h3></summary>{''.join(content)}</details>"
-                )
-            else:
-                body += [f"<h3>{html.escape(title)}</h3>", *content]
+    body += [render_html_sections(m, images[m.name]) for m in models]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mednets model report</title>"
         f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
     )
+
+
+def model_figures(m: ModelMeasurements) -> list[tuple[str, Figure]]:
+    """The report's figures of one model as (kind, figure): parameter breakdown and data-flow map."""
+    return [
+        ("parameters", plot_parameter_breakdown(m.grouped_breakdown, m.total_params, m.name)),
+        ("data_flow", plot_data_flow([(s.name, s.output_shape) for s in m.stages], m.input_shape, m.name)),
+    ]
 
 
 def write_model_report(
@@ -421,10 +469,7 @@ def write_model_report(
     images: dict[str, dict[str, str]] = {}
     for m in models:
         paths[m.name], images[m.name] = {}, {}
-        for kind, figure in (
-            ("parameters", plot_parameter_breakdown(m.grouped_breakdown, m.total_params, m.name)),
-            ("data_flow", plot_data_flow([(s.name, s.output_shape) for s in m.stages], m.input_shape, m.name)),
-        ):
+        for kind, figure in model_figures(m):
             relative = f"figures/{m.name}_{kind}.png"
             images[m.name][kind] = figure_to_base64(figure, out_dir / relative)
             paths[m.name][kind] = relative
