@@ -323,6 +323,56 @@ def dataset2d_command(
         console.print(f"wrote {path}")
 
 
+@app.command("report-run")
+def report_run_command(
+    run: Annotated[Path, typer.Argument(help="Run folder made by `mednets train` (or `mednets demo`).")],
+    pred: Annotated[
+        Path | None, typer.Option("--pred", help="Predictions folder (default: RUN/test_predictions).")
+    ] = None,
+    scores: Annotated[
+        Path | None, typer.Option("--scores", help="`mednets evaluate` JSON (default: RUN/test_scores.json).")
+    ] = None,
+    truth: Annotated[
+        Path | None, typer.Option("--truth", help="Reference labels (default: the dataset the predictions came from).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: RUN/report.html).")] = None,
+    screenshot: Annotated[
+        Path | None, typer.Option("--screenshot", help="Also write a full-page PNG of the report (needs chromium).")
+    ] = None,
+) -> None:
+    """Write the run report: one self-contained HTML page (config, curves, Dice, presence, absent organs, overlays, model)."""
+    from mednets.reports.run_report import write_run_report
+
+    page = write_run_report(run, predictions=pred, scores=scores, truth=truth, out=out)
+    console.print(f"wrote {page}")
+    if screenshot is not None:
+        from mednets.reports.browser import screenshot as take_screenshot
+
+        console.print(f"wrote {take_screenshot(page, screenshot)}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (an earlier demo there is replaced).")] = Path(
+        "runs/demo"
+    ),
+    minutes: Annotated[
+        float | None,
+        typer.Option("--minutes", help="Training budget in minutes (default: the config's, 11); steps scale with it."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Experiment YAML (default: configs/sadaan_demo.yaml).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.lr=1e-3 (repeatable).")
+    ] = None,
+) -> None:
+    """Phantoms with absent organs -> train SADAAn -> predict held-out cases -> evaluate -> report.html (~15 min on 2 CPU cores)."""
+    from mednets.demo import run_demo
+
+    run_demo(out, minutes=minutes, config=config, overrides=overrides or [], echo=console.print)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mednets` script; returns the exit code (2 for a user error)."""
     args = join_multi_value_options(list(sys.argv[1:] if argv is None else argv))
