@@ -171,3 +171,14 @@ def test_gradients_flow_to_every_output_used(outputs):
     for name in ("segmentation_logits", "absence_logits", "attention_maps", "confidence_scores"):
         grad = leaves[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_absent_weight_weights_absent_pairs_in_the_absence_term(outputs):
+    masks = torch.zeros(1, 2, 1, 1, 2, dtype=torch.float64)
+    masks[0, 0] = 1.0  # structure 0 present, structure 1 absent
+    targets = {"segmentation_targets": masks}
+    # cross-entropy per pair: present with p=0.75 -> -ln 0.75; absent with p(absent)=0.5 -> ln 2
+    weighted = SpatialAttentionLoss(absent_weight=3.0)(outputs, targets)["absence"]
+    assert weighted.item() == pytest.approx((-math.log(0.75) + 3 * LN2) / 4)
+    plain = SpatialAttentionLoss()(outputs, targets)["absence"]
+    assert plain.item() == pytest.approx((-math.log(0.75) + LN2) / 2)

@@ -34,10 +34,23 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """Which registered model to build, with keyword overrides of its builder."""
+    """Which registered model to build, with keyword overrides of its builder.
+
+    Attributes:
+        name: registered model name.
+        overrides: keyword arguments of its builder.
+        init_from_data: start the model from the training data where it supports this (SADAAn: the
+            position prior from the training labels' voxel-wise frequency; see
+            `SpatialAttentionMedicalSegmenter.init_from_label_frequency`). A resumed run loads its
+            checkpoint over it.
+        init_prior_floor: with `init_from_data`, the prior probability where a structure was never
+            seen in training (0.5: a soft prior that still lets shifted anatomy through).
+    """
 
     name: str = "sadaan_fast"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from_data: bool = False
+    init_prior_floor: float = 0.5
 
 
 @dataclass

@@ -34,7 +34,9 @@ class SpatialAttentionLoss(nn.Module):
     - `dice`: soft Dice loss `1 - (2 |P.T| + eps) / (|P| + |T| + eps)` of `segmentation_probs`,
       present pairs only.
     - `absence`: cross-entropy of `absence_logits` against the presence targets, all pairs (equal to
-      the seed's BCE on `presence_probs`, computed from logits for stability).
+      the seed's BCE on `presence_probs`, computed from logits for stability). Absent pairs weigh
+      `absent_weight` (seed: 1): absences are rare (a few percent of pairs), and unweighted the
+      head learns to call everything present.
     - `false_positive_suppression`: voxel-mean of `segmentation_probs`, absent pairs only.
     - `attention_supervision`: voxel-mean BCE of `attention_maps` against the attention targets
       (binarised at 0.5), present pairs only.
@@ -50,6 +52,7 @@ class SpatialAttentionLoss(nn.Module):
         focal_alpha: foreground weight of the focal loss, used only when `focal_gamma > 0`.
         focal_gamma: focusing exponent; 0 (default) keeps plain BCE.
         dice_eps: smoothing of the Dice ratio.
+        absent_weight: weight of absent pairs in the `absence` term (a weighted mean over pairs).
     """
 
     DEFAULT_WEIGHTS: Mapping[str, float] = {
@@ -68,6 +71,7 @@ class SpatialAttentionLoss(nn.Module):
         focal_alpha: float | None = 0.25,
         focal_gamma: float = 0.0,
         dice_eps: float = 1e-6,
+        absent_weight: float = 1.0,
     ) -> None:
         super().__init__()
         unknown = sorted(set(weights or {}) - set(self.DEFAULT_WEIGHTS))
@@ -83,6 +87,7 @@ class SpatialAttentionLoss(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = float(focal_gamma)
         self.dice_eps = dice_eps
+        self.absent_weight = float(absent_weight)
 
     def forward(
         self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
@@ -110,7 +115,7 @@ class SpatialAttentionLoss(nn.Module):
             "segmentation": _masked_mean(self._voxel_bce(logits, masks), present),
             "dice": _masked_mean(self._dice_loss(probs, masks), present),
             "false_positive_suppression": _masked_mean(probs.flatten(2).mean(-1), absent),
-            "absence": F.cross_entropy(outputs["absence_logits"].float().flatten(0, 1), present.flatten().long()),
+            "absence": self._absence_loss(outputs["absence_logits"].float(), present),
             "attention_supervision": _masked_mean(
                 _voxel_mean(
                     F.binary_cross_entropy(outputs["attention_maps"].float(), attention_targets, reduction="none")
@@ -168,6 +173,12 @@ class SpatialAttentionLoss(nn.Module):
         intersection = (probs * masks).flatten(2).sum(-1)
         total = probs.flatten(2).sum(-1) + masks.flatten(2).sum(-1)
         return 1 - (2 * intersection + self.dice_eps) / (total + self.dice_eps)
+
+    def _absence_loss(self, absence_logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy `[B, S, 2]` vs `[B, S]`, absent pairs weighted by `absent_weight` (weighted mean)."""
+        per_pair = F.cross_entropy(absence_logits.flatten(0, 1), present.flatten().long(), reduction="none")
+        weights = torch.where(present.flatten(), 1.0, self.absent_weight)
+        return (per_pair * weights).sum() / weights.sum()
 
     @staticmethod
     def _confidence_loss(outputs: Mapping[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:

@@ -272,3 +272,42 @@ def test_bf16_channels_last_is_within_bf16_tolerance_of_fp32():
         error = (fast[key].float() - reference[key]).abs().max()
         scale = reference[key].abs().max().clamp(min=1)
         assert error / scale < 0.05, key
+
+
+def test_instance_norm_option_keeps_the_parameter_count_and_drops_batch_norm():
+    seed = create_model("sadaan")
+    instance = create_model("sadaan", norm_kind="instance")
+    assert sum(p.numel() for p in instance.parameters()) == sum(p.numel() for p in seed.parameters()) == 8_019_230
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in instance.modules())
+    assert any(isinstance(m, nn.InstanceNorm3d) for m in instance.modules())
+
+
+def test_normalised_alignment_is_the_plain_score_divided_by_the_prior_mean():
+    plain = _tiny().eval()
+    normalised = _tiny(normalise_alignment=True).eval()
+    normalised.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, *GRID)
+    prior_mean = torch.sigmoid(plain.attention_module.position_prior).mean(dim=(2, 3, 4))
+    expected = plain(x)["alignment_scores"] / prior_mean
+    torch.testing.assert_close(normalised(x)["alignment_scores"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_prior_starts_from_the_label_frequency_with_a_floor():
+    model = _tiny()
+    frequency = torch.zeros(3, *GRID)
+    frequency[0, 4:8, 4:8, 4:8] = 1.0
+    frequency[1, :, :, :8] = 0.5
+    model.init_from_label_frequency(frequency, floor=0.2)
+    prior_probs = torch.sigmoid(model.attention_module.position_prior[0])
+    torch.testing.assert_close(prior_probs[0, 0, 0, 0], torch.tensor(0.2))  # never seen: the floor
+    torch.testing.assert_close(prior_probs[1, 0, 0, 0], torch.tensor(0.6))  # 0.2 + 0.8 * 0.5
+    assert prior_probs[0, 5, 5, 5] > 0.99  # always there
+    bias = model.segmentation_head.segmentation_layer.bias
+    torch.testing.assert_close(torch.sigmoid(bias[0]), frequency[0].mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_prior_initialisation_rejects_a_frequency_of_another_grid():
+    with pytest.raises(InvalidInputError, match="grid"):
+        _tiny().init_from_label_frequency(torch.zeros(3, 8, 8, 8))
+    with pytest.raises(ConfigError, match="floor"):
+        _tiny().init_from_label_frequency(torch.zeros(3, *GRID), floor=1.0)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset
+from scipy import ndimage
 
 from mednets.data.dataset import Dataset as DatasetFolder
 from mednets.data.dataset import split_cases
@@ -23,7 +24,7 @@ from mednets.data.io import read_volume
 from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
 from mednets.data.transforms import ct_segmentation_pipeline, location_prior
 
-__all__ = ["SeededCacheDataset", "ensure_phantom_datasets", "segmentation_datasets"]
+__all__ = ["SeededCacheDataset", "ensure_phantom_datasets", "label_frequency_atlas", "segmentation_datasets"]
 
 
 def _to_sample(item: Any) -> dict[str, Any]:
@@ -116,3 +117,43 @@ def segmentation_datasets(
         SeededCacheDataset(dataset.records(train_ids), train_pipeline, seed),
         SeededCacheDataset(dataset.records(val_ids), val_pipeline, seed),
     )
+
+
+def label_frequency_atlas(
+    dataset: SeededCacheDataset,
+    num_classes: int,
+    *,
+    grid: Sequence[int],
+    hu_window: tuple[float, float] | None,
+    spacing_mm: Sequence[float] | None,
+    smoothing_voxels: float = 1.0,
+) -> torch.Tensor:
+    """Voxel-wise frequency of each structure over a dataset's cases, on a model's grid (an atlas).
+
+    Each label map goes through the same deterministic pipeline as training (load, optional
+    resampling, nearest-neighbour resize to `grid`), so the atlas lies exactly where the model sees
+    the organs; it is then lightly smoothed so a structure's neighbourhood is not ruled out.
+
+    Args:
+        dataset: the training set (its records are read again, without augmentation).
+        num_classes: classes including background.
+        grid: the model's grid `(D, H, W)`.
+        hu_window: as in training (the image is loaded with the label; only the label is used).
+        spacing_mm: as in training.
+        smoothing_voxels: gaussian sigma of the smoothing, in grid voxels (0: none).
+
+    Returns:
+        `[K, D, H, W]` float32 in [0, 1], `K = num_classes - 1` structures in label order.
+    """
+    pipeline = ct_segmentation_pipeline(
+        hu_window=hu_window, spacing_mm=spacing_mm, grid=grid, num_classes=num_classes, augment=False
+    )
+    counts = np.zeros((num_classes - 1, *grid), dtype=np.float64)
+    for record in dataset.data:
+        labels = np.asarray(pipeline(dict(record))["label"])[0].round()
+        for structure in range(num_classes - 1):
+            counts[structure] += labels == structure + 1
+    frequency = counts / max(len(dataset.data), 1)
+    if smoothing_voxels > 0:
+        frequency = np.stack([ndimage.gaussian_filter(f, smoothing_voxels) for f in frequency])
+    return torch.from_numpy(frequency.astype(np.float32))

@@ -39,7 +39,7 @@ from torch import nn
 
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.models.base import MednetsModel, check_input
-from mednets.models.blocks import DoubleConv, conv, conv_transpose, max_pool
+from mednets.models.blocks import DoubleConv, conv, conv_transpose, max_pool, norm
 from mednets.models.registry import register_model
 
 __all__ = [
@@ -87,27 +87,31 @@ class Encoder(MednetsModel):
         in_channels: image channels.
         base_channels: width of the first level.
         feature_channels: width of the output features.
+        norm_kind: normalisation of every conv layer (`mednets.models.blocks.norm`; seed: "batch").
     """
 
     spatial_dims = 3
 
-    def __init__(self, in_channels: int = 1, base_channels: int = 16, feature_channels: int = 128) -> None:
+    def __init__(
+        self, in_channels: int = 1, base_channels: int = 16, feature_channels: int = 128, norm_kind: str = "batch"
+    ) -> None:
         super().__init__()
         c = [base_channels * 2**k for k in range(5)]
-        self.enc1 = DoubleConv(3, in_channels, c[0], bias=True)
+        layers = dict(bias=True, norm_kind=norm_kind)
+        self.enc1 = DoubleConv(3, in_channels, c[0], **layers)
         self.pool = max_pool(3, 2)
-        self.enc2 = DoubleConv(3, c[0], c[1], bias=True)
-        self.enc3 = DoubleConv(3, c[1], c[2], bias=True)
-        self.enc4 = DoubleConv(3, c[2], c[3], bias=True)
-        self.enc5 = DoubleConv(3, c[3], c[4], bias=True)
+        self.enc2 = DoubleConv(3, c[0], c[1], **layers)
+        self.enc3 = DoubleConv(3, c[1], c[2], **layers)
+        self.enc4 = DoubleConv(3, c[2], c[3], **layers)
+        self.enc5 = DoubleConv(3, c[3], c[4], **layers)
         self.up4 = conv_transpose(3, c[4], c[3])
-        self.dec4 = DoubleConv(3, 2 * c[3], c[3], bias=True)
+        self.dec4 = DoubleConv(3, 2 * c[3], c[3], **layers)
         self.up3 = conv_transpose(3, c[3], c[2])
-        self.dec3 = DoubleConv(3, 2 * c[2], c[2], bias=True)
+        self.dec3 = DoubleConv(3, 2 * c[2], c[2], **layers)
         self.up2 = conv_transpose(3, c[2], c[1])
-        self.dec2 = DoubleConv(3, 2 * c[1], c[1], bias=True)
+        self.dec2 = DoubleConv(3, 2 * c[1], c[1], **layers)
         self.up1 = conv_transpose(3, c[1], c[0])
-        self.dec1 = DoubleConv(3, 2 * c[0], c[0], bias=True)
+        self.dec1 = DoubleConv(3, 2 * c[0], c[0], **layers)
         self.final_conv = conv(3, c[0], feature_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +134,10 @@ class AnatomicalAttentionModule(MednetsModel):
         in_channels: feature channels `F`.
         num_structures: number of structures `S`.
         spatial_dims: the grid `(D, H, W)` of the position prior (seed name; stored as `grid_size`).
+        norm_kind: normalisation after the 3x3x3 convolutions (seed: "batch").
+        normalise_alignment: divide each alignment score by the spatial mean of its structure's prior
+            probability, so it reads as the share of the expected extent found (about 1 when present,
+            0 when absent) instead of a tiny volume fraction (seed: False, the plain spatial mean).
 
     Attributes:
         position_prior: learned prior logits, `[1, S, D, H, W]` (a 5D tensor, so the module moves to
@@ -138,21 +146,29 @@ class AnatomicalAttentionModule(MednetsModel):
 
     spatial_dims = 3
 
-    def __init__(self, in_channels: int, num_structures: int, spatial_dims: Sequence[int]) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_structures: int,
+        spatial_dims: Sequence[int],
+        norm_kind: str = "batch",
+        normalise_alignment: bool = False,
+    ) -> None:
         super().__init__()
         self.grid_size = _check_grid(spatial_dims, "AnatomicalAttentionModule(spatial_dims)")
         self.num_structures = num_structures
+        self.normalise_alignment = normalise_alignment
         self.position_prior = nn.Parameter(0.1 * torch.randn(1, num_structures, *self.grid_size))
         self.attention_conv = nn.Sequential(
             conv(3, in_channels, in_channels // 2, 3),
-            nn.BatchNorm3d(in_channels // 2),
+            norm(norm_kind, 3, in_channels // 2),
             nn.ReLU(inplace=True),
             conv(3, in_channels // 2, num_structures, 1),
             nn.Sigmoid(),
         )
         self.feature_matcher = nn.Sequential(
             conv(3, in_channels, in_channels, 3),
-            nn.BatchNorm3d(in_channels),
+            norm(norm_kind, 3, in_channels),
             nn.ReLU(inplace=True),
             conv(3, in_channels, num_structures, 1),
         )
@@ -172,9 +188,12 @@ class AnatomicalAttentionModule(MednetsModel):
         batch = features.shape[0]
         attention = self.run_block(self.attention_conv, features)  # [B, S, D, H, W]
         position_priors = self.position_prior.expand(batch, -1, -1, -1, -1)  # [B, S, D, H, W]
-        attention_maps = attention * torch.sigmoid(self.position_prior)  # [B, S, D, H, W]
+        prior_probs = torch.sigmoid(self.position_prior)  # [1, S, D, H, W]
+        attention_maps = attention * prior_probs  # [B, S, D, H, W]
         feature_responses = self.run_block(self.feature_matcher, features)  # [B, S, D, H, W]
         alignment_scores = (attention_maps * torch.sigmoid(feature_responses)).mean(dim=(2, 3, 4))  # [B, S]
+        if self.normalise_alignment:  # the share of the prior's expected extent that is found: ~1 present, ~0 absent
+            alignment_scores = alignment_scores / prior_probs.mean(dim=(2, 3, 4)).clamp_min(1e-6)
         return {
             "attention_maps": attention_maps,
             "feature_responses": feature_responses,
@@ -261,16 +280,20 @@ class SegmentationHead(MednetsModel):
         replicated: use the seed's formulation instead, which replicates the refined features once
             per structure (`[B*S, F/2, D, H, W]`) and discards all but one output channel of each
             copy. Same logits, S times the memory; kept only so the benchmark can compare.
+        norm_kind: normalisation of the refinement layers (seed: "batch").
     """
 
     spatial_dims = 3
 
-    def __init__(self, in_channels: int, num_structures: int, *, replicated: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, num_structures: int, *, replicated: bool = False, norm_kind: str = "batch"
+    ) -> None:
         super().__init__()
         self.num_structures = num_structures
         self.replicated = replicated
         refined = in_channels // 2
-        self.feature_refine = DoubleConv(3, in_channels, refined, bias=True)  # flat layers 0..5, as in the seed
+        # flat layers 0..5, as in the seed
+        self.feature_refine = DoubleConv(3, in_channels, refined, bias=True, norm_kind=norm_kind)
         self.segmentation_layer = conv(3, refined, num_structures, 1)
 
     def forward(self, features: torch.Tensor, attention_maps: torch.Tensor) -> torch.Tensor:
@@ -317,6 +340,9 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         gating: in eval mode, suppress the segmentation of structures judged absent (default on).
         replicated_head: use the seed's memory-hungry segmentation layer (benchmark comparison only).
         classifier_dropout: dropout inside the absence classifiers.
+        norm_kind: normalisation of every 3x3x3 conv layer: "batch" (seed) or "instance" (steadier at
+            the small batches a whole-volume model trains with; same parameter count).
+        normalise_alignment: see `AnatomicalAttentionModule` (seed: False).
     """
 
     spatial_dims = 3
@@ -333,6 +359,8 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         gating: bool = True,
         replicated_head: bool = False,
         classifier_dropout: float = 0.0,
+        norm_kind: str = "batch",
+        normalise_alignment: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_structures < 1:
@@ -346,10 +374,51 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         self.grid_size = _check_grid(spatial_dims, "SpatialAttentionMedicalSegmenter(spatial_dims)")
         self.presence_threshold = presence_threshold
         self.gating = gating
-        self.encoder = Encoder(in_channels, base_channels, feature_channels)
-        self.attention_module = AnatomicalAttentionModule(feature_channels, num_structures, self.grid_size)
+        self.encoder = Encoder(in_channels, base_channels, feature_channels, norm_kind)
+        self.attention_module = AnatomicalAttentionModule(
+            feature_channels, num_structures, self.grid_size, norm_kind, normalise_alignment
+        )
         self.absence_detector = AbsenceDetectionHead(num_structures, feature_channels, classifier_dropout)
-        self.segmentation_head = SegmentationHead(feature_channels, num_structures, replicated=replicated_head)
+        self.segmentation_head = SegmentationHead(
+            feature_channels, num_structures, replicated=replicated_head, norm_kind=norm_kind
+        )
+
+    def init_from_label_frequency(self, frequency: torch.Tensor, floor: float = 0.5) -> None:
+        """Start the position prior (and the segmentation bias) from the training data's anatomy.
+
+        The seed starts the prior as noise (`0.1 * randn`: every voxel 50% likely), so the attention
+        maps carry no position at first and must learn the atlas through a per-voxel parameter that
+        moves about one learning rate per step. Starting from the voxel-wise label frequency of the
+        training set (an atlas, `mednets.data.transforms.label_frequency_atlas`) gives the model its
+        anatomy at step 0; training refines it. The segmentation bias starts at the logit of each
+        structure's mean frequency, so the first steps do not spend themselves learning that most
+        voxels are background.
+
+        Args:
+            frequency: `[S, D, H, W]` share of training cases with structure `s` at each voxel, on
+                this model's grid.
+            floor: prior probability where the structure was never seen; the prior probability is
+                `floor + (1 - floor) * frequency`. A soft prior (0.5) only favours the usual place, so
+                anatomy shifted by a truncated field of view is still found; a hard one (0.01) all but
+                rules out voxels outside the atlas.
+        """
+        expected = (self.num_structures, *self.grid_size)
+        if tuple(frequency.shape) != expected:
+            raise InvalidInputError(
+                "label frequency does not match the model's structures and grid",
+                source="frequency",
+                expected=expected,
+                got=tuple(frequency.shape),
+            )
+        if not 0 < floor < 1:
+            raise ConfigError("the prior floor must lie in (0, 1)", source="floor", got=floor)
+        frequency = frequency.detach().float().clamp(0, 1)
+        prior_probs = (floor + (1 - floor) * frequency).clamp(max=1 - 1e-3)
+        with torch.no_grad():
+            prior = self.attention_module.position_prior
+            prior.copy_(torch.logit(prior_probs).unsqueeze(0).to(prior))
+            bias = self.segmentation_head.segmentation_layer.bias
+            bias.copy_(torch.logit(frequency.flatten(1).mean(1).clamp(1e-4, 0.5)).to(bias))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> SpatialAttentionMedicalSegmenter:
         """Turn checkpointing on or off here and in every component that checkpoints its stages."""
@@ -476,6 +545,8 @@ def sadaan(
     presence_threshold: float | Sequence[float] = 0.5,
     gating: bool = True,
     replicated_head: bool = False,
+    norm_kind: str = "batch",
+    normalise_alignment: bool = False,
 ) -> nn.Module:
     """The seed configuration (`grid_size` is the seed's `spatial_dims` argument)."""
     return SpatialAttentionMedicalSegmenter(
@@ -487,6 +558,8 @@ def sadaan(
         presence_threshold=presence_threshold,
         gating=gating,
         replicated_head=replicated_head,
+        norm_kind=norm_kind,
+        normalise_alignment=normalise_alignment,
     )
 
 
@@ -512,6 +585,8 @@ def sadaan_fast(
     presence_threshold: float | Sequence[float] = 0.5,
     gating: bool = True,
     replicated_head: bool = False,
+    norm_kind: str = "batch",
+    normalise_alignment: bool = False,
 ) -> nn.Module:
     """CPU preset: the seed's architecture, half the encoder width, a quarter of the feature width, a 48³ grid.
 
@@ -530,4 +605,6 @@ def sadaan_fast(
         presence_threshold=presence_threshold,
         gating=gating,
         replicated_head=replicated_head,
+        norm_kind=norm_kind,
+        normalise_alignment=normalise_alignment,
     )
