@@ -14,6 +14,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from mednets.models.base import MednetsModel, check_input
+from mednets.models.blocks import BF16SafeConv3d
 from mednets.models.registry import register_model
 
 __all__ = ["DynUNetSegmenter"]
@@ -51,6 +52,11 @@ class DynUNetSegmenter(MednetsModel):
             norm_name="instance",
             deep_supervision=False,
         )
+        # MONAI builds plain Conv3d layers: give them the workaround for torch's CPU bf16 weight-gradient
+        # bug at depth 2 (`BF16SafeConv3d`, same parameters), which the coarsest level of a 32³ patch hits.
+        for module in self.net.modules():
+            if type(module) is nn.Conv3d:
+                module.__class__ = BF16SafeConv3d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=self.spatial_dims)
