@@ -306,7 +306,9 @@ def stain_augment(tile: np.ndarray, rng: np.random.Generator, scale: float = 0.2
 
     Each stain's optical density is scaled by a factor in ``[1 - scale, 1 + scale]``; with probability
     1/2 the eosin and DAB stains swap (scaled by U(0.3, 1)), so an IHC image also yields
-    H&E-coloured tiles and the reverse.
+    H&E-coloured tiles and the reverse. Then, with probability 1/2, the RGB channels are permuted:
+    a denoiser trained on a few stains otherwise learns their colours as a prior and shifts other
+    stains towards them.
     """
     from skimage.color import hed2rgb, rgb2hed
 
@@ -314,7 +316,8 @@ def stain_augment(tile: np.ndarray, rng: np.random.Generator, scale: float = 0.2
     stains *= rng.uniform(1.0 - scale, 1.0 + scale, 3)
     if rng.random() < 0.5:
         stains = stains[..., [0, 2, 1]] * np.array([1.0, *rng.uniform(0.3, 1.0, 2)])
-    return np.clip(hed2rgb(stains), 0.0, 1.0).transpose(2, 0, 1).astype(np.float32)
+    rgb = np.clip(hed2rgb(stains), 0.0, 1.0).transpose(2, 0, 1).astype(np.float32)
+    return rgb[rng.permutation(3)] if rng.random() < 0.5 else rgb
 
 
 # --- datasets -----------------------------------------------------------------------------------
