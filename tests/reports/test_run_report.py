@@ -45,7 +45,7 @@ def _images(page: str) -> list[str]:
 def _expected_images(run: Path) -> int:
     """Curves, Dice, confusion, calibration, three overlays, parameters, data flow; plus the absent-organ
     volume chart when some absent organ was painted (else a note says none was)."""
-    rows = json.loads((run / "test_scores.json").read_text())["rows"]
+    rows = json.loads((run / "test_scores.json").read_text(encoding="utf-8"))["rows"]
     return 9 + any(r["false_positive_ml"] > 0 for r in rows if not r["present_in_truth"])
 
 
@@ -53,13 +53,13 @@ def test_demo_writes_run_predictions_scores_timings_and_report(demo_run: Path) -
     for name in ("config.yaml", "metrics.csv", "test_scores.json", "test_scores.csv", "report.html"):
         assert (demo_run / name).is_file(), name
     assert len(list((demo_run / "test_predictions").glob("*.nii.gz"))) == 4
-    timings = json.loads((demo_run / "timings.json").read_text())
+    timings = json.loads((demo_run / "timings.json").read_text(encoding="utf-8"))
     assert list(timings["stages"]) == ["phantoms", "training", "prediction", "evaluation", "report"]
     assert "cores" in timings["machine"]
 
 
 def test_report_has_every_section_with_images_embedded(demo_run: Path) -> None:
-    page = (demo_run / "report.html").read_text()
+    page = (demo_run / "report.html").read_text(encoding="utf-8")
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in page
     images = _images(page)
@@ -74,19 +74,19 @@ def test_report_has_every_section_with_images_embedded(demo_run: Path) -> None:
 def test_report_without_evaluation_or_predictions_says_so(demo_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("test_scores.*", "test_predictions", "report.html"))
-    page = write_run_report(run).read_text()
+    page = write_run_report(run).read_text(encoding="utf-8")
     assert "No evaluation in" in page and "No predictions in" in page
     assert len(_images(page)) == 3  # training curves and the model's two figures
     empty = tmp_path / "empty"
     empty.mkdir()
-    page = html.unescape(write_run_report(empty).read_text())
+    page = html.unescape(write_run_report(empty).read_text(encoding="utf-8"))
     assert "No config.yaml" in page and "No metrics.csv" in page and "needs the run's config.yaml" in page
 
 
 def test_cli_report_run_writes_elsewhere(demo_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy.html"
     assert main(["report-run", str(demo_run), "--out", str(out)]) == 0
-    assert len(_images(out.read_text())) == _expected_images(demo_run)
+    assert len(_images(out.read_text(encoding="utf-8"))) == _expected_images(demo_run)
     assert main(["report-run", str(tmp_path / "missing")]) == 2
 
 

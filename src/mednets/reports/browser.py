@@ -70,7 +70,8 @@ def _run(arguments: list[str], timeout: float) -> subprocess.CompletedProcess[st
         return subprocess.run(
             [executable, *_FLAGS, f"--user-data-dir={profile}", *arguments],
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=timeout,
             check=False,
         )
