@@ -373,6 +373,32 @@ def demo_command(
     run_demo(out, minutes=minutes, config=config, overrides=overrides or [], echo=console.print)
 
 
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(help="File to write, e.g. model.onnx; its JSON record goes to OUT.json.")],
+    run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train` (segmentation or denoising).")],
+    export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset version (default 17).")] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option("--tolerance", help="Largest max abs difference accepted, onnxruntime vs PyTorch fp32 (1e-4)."),
+    ] = None,
+) -> None:
+    """Export a trained model to ONNX (fp32), checked against PyTorch with onnxruntime."""
+    import json
+
+    from mednets.engine.export import export_run, sidecar_path
+
+    path = export_run(run, out, format=export_format, checkpoint=checkpoint, opset=opset, tolerance=tolerance)
+    record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    console.print(f"wrote {path} and {sidecar_path(path).name}")
+    console.print(
+        f"onnxruntime vs PyTorch fp32 at input {record['input']['shape']}: max abs difference "
+        f"{record['max_abs_diff']:.2e} (tolerance {record['tolerance']:g})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mednets` script; returns the exit code (2 for a user error)."""
     args = join_multi_value_options(list(sys.argv[1:] if argv is None else argv))
