@@ -260,14 +260,25 @@ def predict_command(
     gating: Annotated[bool, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = True,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sliding windows per forward pass.")] = 2,
+    accumulate_device: Annotated[
+        str, typer.Option("--accumulate-device", help="Device holding the blended full-volume scores (cpu, cuda).")
+    ] = "cpu",
+    precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
 ) -> None:
     """Segment scans (NIfTI, NRRD, MHA, DICOM): label maps with the input's geometry plus JSON sidecars."""
+    import torch
+
     from mednets.data.transforms import allowed_flip_axes
     from mednets.engine.inference import load_run, predict_paths
 
     loaded = load_run(run, checkpoint=checkpoint, device=device)
     tta_axes = allowed_flip_axes(list(loaded.structures)) if tta else []
-    result = predict_paths(loaded, inputs, out, tta_axes=tta_axes, overlap=overlap, gating=gating)
+    if precision not in ("bf16", "fp32"):
+        raise typer.BadParameter("bf16 or fp32", param_hint="--precision")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    result = predict_paths(loaded, inputs, out, tta_axes=tta_axes, overlap=overlap, gating=gating, dtype=dtype,
+                           batch_size=batch_size, accumulate_device=accumulate_device)  # fmt: skip
     for path in result["written"]:
         console.print(f"wrote {path}")
     for _path, message in result["failed"]:  # the message names the file

@@ -6,7 +6,7 @@ Steps (`predict_volume`):
 2. window the HU values as in training;
 3. whole-volume models (SADAAn): resample to the voxel size the model saw and centre-pad/crop to its
    grid (air outside the scan); patch models: resample to the training spacing and run gaussian-blended
-   sliding windows;
+   sliding windows (`engine.sliding_window`: batched bf16 windows in channels_last_3d);
 4. map scores back to the input grid class by class, taking the argmax as it goes (never all
    classes at full resolution in float), keep labels uint8;
 5. undo the reorientation and write the input's affine.
@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from mednets.atomic import atomic_write_text
@@ -36,6 +35,7 @@ from mednets.data.io import Volume, read_volume, write_volume
 from mednets.data.transforms import labels_from_logits
 from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights
 from mednets.engine.predict2d import predict_paths_2d
+from mednets.engine.sliding_window import sliding_window_logits
 from mednets.engine.training import build_model_for_data
 from mednets.errors import CheckpointError, InvalidInputError, MednetsError
 from mednets.models import get_model_spec
@@ -87,6 +87,8 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
     }
     model = build_model_for_data(config, len(labels))
     load_model_weights(folder, model)
+    if get_model_spec(config.model.name).spatial_dims == 3:  # the layout of the fast bf16 kernels
+        model = model.to(memory_format=torch.channels_last_3d)
     target = torch.device(device)
     return LoadedRun(
         run_dir=run_dir,
@@ -184,6 +186,8 @@ def predict_volume(
     overlap: float = 0.5,
     gating: bool = True,
     dtype: torch.dtype = torch.bfloat16,
+    batch_size: int = 2,
+    accumulate_device: str | torch.device | None = None,
 ) -> Prediction:
     """Predict a label map for `volume` on its own grid, and the per-structure sidecar entries.
 
@@ -194,6 +198,8 @@ def predict_volume(
         overlap: sliding-window overlap (patch models).
         gating: empty the masks of structures the presence head judges absent (absence-aware models).
         dtype: autocast dtype on CPU/CUDA (`torch.float32` disables autocast).
+        batch_size: windows per forward pass (patch models).
+        accumulate_device: where the blended full-volume scores live (patch models; default: the CPU).
     """
     if volume.array.ndim != 3 or volume.channel_axis is not None:
         raise InvalidInputError("expected a 3D volume", source=str(volume.meta.get("source", "input")),
@@ -229,15 +235,13 @@ def predict_volume(
             scores = _undo_pad_crop(scores, image.shape, offsets, fill=0.0)
             scores[0] = torch.where(scores[1:].amax(0) > 0, scores[0], torch.ones_like(scores[0]))
         else:
-            x = image[None, None].to(run.device)
-            patch = prep["patch_size"]
-
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
-                logits = sliding_window_inference(x, patch, sw_batch_size=2, predictor=run.model, overlap=overlap,
-                                                  mode="gaussian")  # fmt: skip
-                return {"scores": torch.softmax(logits.float(), 1)}
+                logits = sliding_window_logits(run.model, x[0], prep["patch_size"], overlap=overlap,
+                                               batch_size=batch_size, accumulate_device=accumulate_device or "cpu",
+                                               precision="fp32" if dtype == torch.float32 else "bf16")  # fmt: skip
+                return {"scores": torch.softmax(logits, 0)[None]}
 
-            scores = _averaged(run_model, x, tta_axes)["scores"][0].cpu()
+            scores = _averaged(run_model, image[None, None], tta_axes)["scores"][0].cpu()
             presence = confidence = present = None
     labels = labels_from_logits(scores.float(), oriented.array.shape).numpy()
     label_ids = np.asarray([0, *structure_ids], dtype=np.uint8)
