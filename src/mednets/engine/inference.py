@@ -235,6 +235,7 @@ def predict_volume(
             scores = _undo_pad_crop(scores, image.shape, offsets, fill=0.0)
             scores[0] = torch.where(scores[1:].amax(0) > 0, scores[0], torch.ones_like(scores[0]))
         else:
+
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
                 logits = sliding_window_logits(run.model, x[0], prep["patch_size"], overlap=overlap,
                                                batch_size=batch_size, accumulate_device=accumulate_device or "cpu",
