@@ -1,10 +1,7 @@
 """Histopathology denoising autoencoders (seed 001): `HistoAutoencoder` and `DeepHistoAutoencoder`.
 
 Both map a noisy RGB tile in [0, 1] to a clean one through a sigmoid, so output and target share one
-space. With ``residual=True`` (not in the seed) the head drops the sigmoid, starts at zero and its
-output is added to the input: the network predicts the correction (noise-residual learning, as in
-DnCNN), so an untrained model is the identity and colours it never saw pass through unchanged; the
-output is then unbounded and `mednets.engine.denoise` clamps it to [0, 1]. Layer names follow the seed's layer tables (`encoder1.0`, `decoder3.3.conv1`, `final.4`):
+space. Layer names follow the seed's layer tables (`encoder1.0`, `decoder3.3.conv1`, `final.4`):
 transposed convolutions have kernel 4, stride 2, padding 1, and each decoder stage after the first
 concatenates its upsampled features with the encoder output at the same resolution (the *pooled*
 output in `HistoAutoencoder`). Sizes must be divisible by 16.
@@ -30,17 +27,11 @@ def _upsample(in_channels: int, out_channels: int) -> ConvNormAct:
     return ConvNormAct(2, in_channels, out_channels, 4, stride=2, padding=1, transposed=True, **_LAYER)
 
 
-def _output_head(channels: int, out_channels: int, residual: bool) -> nn.Sequential:
-    """3x3 conv-BN-LeakyReLU, 1x1 conv, then a sigmoid (or, `residual`, a zero-initialised 1x1 conv and none).
-
-    `[B, channels, H, W] -> [B, out_channels, H, W]`: in [0, 1], or the correction to add to the input.
-    """
-    projection = conv(2, channels, out_channels, 1)
-    if residual:
-        nn.init.zeros_(projection.weight)
-        nn.init.zeros_(projection.bias)
-        return nn.Sequential(*ConvNormAct(2, channels, channels, **_LAYER), projection)
-    return nn.Sequential(*ConvNormAct(2, channels, channels, **_LAYER), projection, nn.Sigmoid())
+def _output_head(channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv-BN-LeakyReLU, 1x1 conv, sigmoid: `[B, channels, H, W] -> [B, out_channels, H, W]` in [0, 1]."""
+    return nn.Sequential(
+        *ConvNormAct(2, channels, channels, **_LAYER), conv(2, channels, out_channels, 1), nn.Sigmoid()
+    )
 
 
 def _check_divisible(x: torch.Tensor, factor: int) -> None:
@@ -59,12 +50,11 @@ class HistoAutoencoder(MednetsModel):
     Args:
         in_channels: image channels (3 for RGB).
         base_channels: width of the first stage (seed: 64).
-        residual: add the head's output to the input instead of a sigmoid (module docstring).
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64, residual: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, base_channels: int = 64) -> None:
         super().__init__()
-        self.in_channels, self.residual = in_channels, residual
+        self.in_channels = in_channels
         c = [base_channels * 2**k for k in range(5)]
         self.encoder1 = self._encoder(in_channels, c[0])
         self.encoder2 = self._encoder(c[0], c[1])
@@ -75,7 +65,7 @@ class HistoAutoencoder(MednetsModel):
         self.decoder3 = self._decoder(c[3] + c[2], c[2])
         self.decoder2 = self._decoder(c[2] + c[1], c[1])
         self.decoder1 = self._decoder(c[1] + c[0], c[0])
-        self.final = _output_head(c[0], in_channels, residual)
+        self.final = _output_head(c[0], in_channels)
 
     @staticmethod
     def _encoder(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -90,7 +80,6 @@ class HistoAutoencoder(MednetsModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=2)
         _check_divisible(x, 16)
-        image = x
         enc1 = self.run_block(self.encoder1, x)  # [B, 64, H/2, W/2]
         enc2 = self.run_block(self.encoder2, enc1)  # [B, 128, H/4, W/4]
         enc3 = self.run_block(self.encoder3, enc2)  # [B, 256, H/8, W/8]
@@ -100,8 +89,7 @@ class HistoAutoencoder(MednetsModel):
         dec3 = self.run_block(self.decoder3, torch.cat([dec4, enc3], 1))  # [B, 768 -> 256, H/4, W/4]
         dec2 = self.run_block(self.decoder2, torch.cat([dec3, enc2], 1))  # [B, 384 -> 128, H/2, W/2]
         dec1 = self.run_block(self.decoder1, torch.cat([dec2, enc1], 1))  # [B, 192 -> 64, H, W]
-        out = self.run_block(self.final, dec1)  # [B, 3, H, W]: in [0, 1], or the correction
-        return image + out if self.residual else out
+        return self.run_block(self.final, dec1)  # [B, 3, H, W] in [0, 1]
 
 
 class DeepHistoAutoencoder(MednetsModel):
@@ -113,12 +101,11 @@ class DeepHistoAutoencoder(MednetsModel):
     Args:
         in_channels: image channels (3 for RGB).
         base_channels: width of the stem (seed: 64).
-        residual: add the head's output to the input instead of a sigmoid (module docstring).
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64, residual: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, base_channels: int = 64) -> None:
         super().__init__()
-        self.in_channels, self.residual = in_channels, residual
+        self.in_channels = in_channels
         c = [base_channels * 2**k for k in range(5)]
         self.initial = ConvNormAct(2, in_channels, c[0], 7, **_LAYER)
         self.encoder1 = self._encoder(c[0], c[1])
@@ -130,7 +117,7 @@ class DeepHistoAutoencoder(MednetsModel):
         self.decoder3 = self._decoder(c[3] + c[3], c[2])
         self.decoder2 = self._decoder(c[2] + c[2], c[1])
         self.decoder1 = self._decoder(c[1] + c[1], c[0])
-        self.final = _output_head(c[0], in_channels, residual)
+        self.final = _output_head(c[0], in_channels)
 
     @staticmethod
     def _residual(channels: int) -> ResidualBlock:
@@ -148,7 +135,6 @@ class DeepHistoAutoencoder(MednetsModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=2)
         _check_divisible(x, 16)
-        image = x
         x = self.run_block(self.initial, x)  # [B, 64, H, W]
         enc1 = self.run_block(self.encoder1, x)  # [B, 128, H/2, W/2]
         enc2 = self.run_block(self.encoder2, enc1)  # [B, 256, H/4, W/4]
@@ -159,8 +145,7 @@ class DeepHistoAutoencoder(MednetsModel):
         dec3 = self.run_block(self.decoder3, torch.cat([dec4, enc3], 1))  # [B, 1024 -> 256, H/4, W/4]
         dec2 = self.run_block(self.decoder2, torch.cat([dec3, enc2], 1))  # [B, 512 -> 128, H/2, W/2]
         dec1 = self.run_block(self.decoder1, torch.cat([dec2, enc1], 1))  # [B, 256 -> 64, H, W]
-        out = self.run_block(self.final, dec1)  # [B, 3, H, W]: in [0, 1], or the correction
-        return image + out if self.residual else out
+        return self.run_block(self.final, dec1)  # [B, 3, H, W] in [0, 1]
 
 
 @register_model(
@@ -175,8 +160,8 @@ class DeepHistoAutoencoder(MednetsModel):
     tiny_overrides={"base_channels": 8},
     tiny_input_size=(32, 48),
 )
-def histo_autoencoder(in_channels: int = 3, base_channels: int = 64, residual: bool = False) -> nn.Module:
-    return HistoAutoencoder(in_channels, base_channels, residual)
+def histo_autoencoder(in_channels: int = 3, base_channels: int = 64) -> nn.Module:
+    return HistoAutoencoder(in_channels, base_channels)
 
 
 @register_model(
@@ -191,5 +176,5 @@ def histo_autoencoder(in_channels: int = 3, base_channels: int = 64, residual: b
     tiny_overrides={"base_channels": 8},
     tiny_input_size=(32, 48),
 )
-def deep_histo_autoencoder(in_channels: int = 3, base_channels: int = 64, residual: bool = False) -> nn.Module:
-    return DeepHistoAutoencoder(in_channels, base_channels, residual)
+def deep_histo_autoencoder(in_channels: int = 3, base_channels: int = 64) -> nn.Module:
+    return DeepHistoAutoencoder(in_channels, base_channels)
