@@ -6,7 +6,7 @@ and exports it at the run's patch size (or grid, or tile) with `export_onnx`:
 1. a copy of the model in fp32 eval mode, autocast off (so `BF16SafeConv3d` and every other layer
    export as plain fp32 operators), is traced by the TorchScript exporter (`torch.onnx.export`,
    `dynamo=False`: the dynamo exporter needs onnxscript, which the `[export]` extra does not
-   install); LHA-Net needs two tracing fixes, see `_traceable`;
+   install); LHA-Net's adaptive pooling needs its own symbolic, see `_traceable`;
 2. models returning dictionaries are wrapped to export named tensors (SADAAn with gating off:
    `segmentation_logits`, `segmentation_probs`, `presence_probs`, `confidence_scores`);
 3. the batch axis is dynamic; spatial axes are dynamic for fully convolutional models (UNet,
@@ -165,21 +165,15 @@ def _adaptive_avg_pool_symbolic(g: Any, x: Any, output_size: Any) -> Any:
 
 @contextlib.contextmanager
 def _traceable(opset: int) -> Iterator[None]:
-    """Let the TorchScript tracer through LHA-Net, whose sizes it sees as 0-d tensors.
-
-    `lhanet.scaled_size` rounds sizes (tensors have no `__round__`): it gets Python ints here, as
-    the graph's sizes are constants anyway. Adaptive average pooling gets a symbolic that reads the
-    traced sizes; the built-in one needs constant sizes that divide the input.
+    """Adaptive average pooling gets a symbolic that reads the traced sizes (LHA-Net pools to sizes
+    computed from the input); the built-in one needs constant sizes that divide the input.
     """
-    scaled_size = lhanet.scaled_size
     names = [f"aten::adaptive_avg_pool{d}d" for d in (1, 2, 3)]
-    lhanet.scaled_size = lambda size, scale: scaled_size([int(n) for n in size], scale)
     for name in names:
         torch.onnx.register_custom_op_symbolic(name, _adaptive_avg_pool_symbolic, opset)
     try:
         yield
     finally:
-        lhanet.scaled_size = scaled_size
         for name in names:
             torch.onnx.unregister_custom_op_symbolic(name, opset)
 

@@ -95,8 +95,8 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, ...]:
-    """`size` times `scale`, rounded, at least one voxel per axis."""
-    return tuple(max(1, round(n * scale)) for n in size)
+    """`size` times `scale`, rounded, at least one voxel per axis (sizes traced as 0-d tensors become ints)."""
+    return tuple(max(1, round(int(n) * scale)) for n in size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""3D sliding-window inference: mednets (bf16, channels_last_3d, batched windows) vs MONAI's fp32 default.
+
+For each network: one phantom volume of ``--size``³ voxels (windowed to [0, 1] as in training), the
+network's training patch, overlap 0.5, gaussian blending. Rows, timed interleaved (A B A B ...),
+median of ``--repeats`` passes after one warm-up:
+
+- MONAI: ``sliding_window_inference(sw_batch_size=1, mode="gaussian")``, fp32, default memory format;
+- mednets: ``sliding_window_logits`` in bf16 + channels_last_3d, ``--batch-size`` windows per pass;
+- network only: the same number of bf16 window forwards alone, so the blending cost is their difference.
+
+The machine's bf16 peak is measured in the same run (a 64->64 channel 3x3x3 conv3d on a
+[2, 64, 48, 48, 48] bf16 channels_last_3d input); the network's achieved GFLOP/s (FlopCounterMode
+FLOPs of one window forward x windows / network-only time) is shown as a fraction of it. Agreement is
+the share of voxels whose argmax equals the fp32 MONAI result.
+
+Networks come from trained run folders (``--run LABEL=RUN_DIR``, the run's patch size); without one
+the registry's network is built with random weights at ``--patch`` (marked "untrained").
+
+    flock /tmp/mednets-heavy.lock .venv/bin/python benchmarks/bench_inference.py \\
+        --run "LHA-Net lightweight=runs/lhanet_bench" --run "DynUNet=runs/dynunet_bench"
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from mednets.data.phantoms import PhantomConfig, generate_phantom
+from mednets.engine.inference import load_run
+from mednets.engine.sliding_window import sliding_window_logits, window_starts
+from mednets.models import create_model
+from mednets.reports.measure import count_flops, machine_description
+
+HU_WINDOW = (-200.0, 300.0)
+
+
+def _interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn A B C A B C ... after one warm-up each."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats + 1):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
+
+
+def bf16_conv_peak(repeats: int) -> float:
+    """GFLOP/s of a large bf16 channels_last_3d conv3d (the machine's practical bf16 peak)."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 64, 48, 48, 48).contiguous(memory_format=torch.channels_last_3d)
+    flops = 2 * 64 * 64 * 27 * x[:, 0].numel()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        seconds = _interleaved({"conv": lambda: conv(x)}, repeats)["conv"]
+    return flops / seconds / 1e9
+
+
+def _volume(size: int, hu_window: tuple[float, float]) -> torch.Tensor:
+    """A phantom at ``size``³ (320 mm field of view), windowed to [0, 1]: ``[1, D, H, W]``."""
+    phantom = generate_phantom(0, PhantomConfig(shape=(size, size, size)))
+    low, high = hu_window
+    return torch.from_numpy(np.clip((phantom.image.astype(np.float32) - low) / (high - low), 0, 1))[None]
+
+
+def _network(item: str, patch: tuple[int, ...]) -> tuple[str, torch.nn.Module, tuple[int, ...], tuple[float, float]]:
+    if "=" in item:
+        label, run_dir = item.split("=", 1)
+        run = load_run(run_dir)
+        window = tuple(run.preprocessing["hu_window"] or HU_WINDOW)
+        return label, run.model, tuple(run.preprocessing["patch_size"]), window  # type: ignore[return-value]
+    torch.manual_seed(0)
+    model = create_model(item).eval()  # the registry default: 14 classes
+    return f"{item} (untrained)", model, patch, HU_WINDOW
+
+
+def _row(
+    label: str,
+    model: torch.nn.Module,
+    patch: tuple[int, ...],
+    image: torch.Tensor,
+    batch_size: int,
+    repeats: int,
+    peak: float,
+) -> str:
+    """One table row: MONAI fp32, mednets bf16 + CL and the network alone, timed interleaved."""
+    windows = math.prod(len(window_starts(n, p, 0.5)) for n, p in zip(image.shape[1:], patch, strict=True))
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # MONAI's default layout
+    fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    batch = torch.rand(batch_size, 1, *patch).contiguous(memory_format=torch.channels_last_3d)
+    flops = count_flops(model, torch.rand(1, 1, *patch)) * windows
+
+    def monai() -> torch.Tensor:
+        with torch.no_grad():
+            return sliding_window_inference(image[None], patch, 1, model, overlap=0.5, mode="gaussian")[0]
+
+    def mednets() -> torch.Tensor:
+        return sliding_window_logits(fast_model, image, patch, overlap=0.5, batch_size=batch_size)
+
+    def network_only() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(math.ceil(windows / batch_size)):
+                fast_model(batch)
+
+    times = _interleaved({"monai": monai, "mednets": mednets, "network": network_only}, repeats)
+    agreement = float((mednets().argmax(0) == monai().argmax(0)).float().mean())
+    achieved = flops / times["network"] / 1e9
+    return (f"| {label} | {'x'.join(map(str, patch))} | {windows} | {times['monai']:.2f} | {times['mednets']:.2f} "
+            f"| {times['monai'] / times['mednets']:.2f}x | {times['network']:.2f} | {achieved:.0f} "
+            f"| {achieved / peak:.0%} | {agreement:.4f} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR of a trained 3D patch model")
+    parser.add_argument("--model", action="append", default=[], help="registry name, random weights")
+    parser.add_argument("--patch", type=int, nargs=3, default=(64, 64, 64))
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    items = args.run + args.model or ["lhanet_lightweight", "dynunet"]
+    peak = bf16_conv_peak(args.repeats)
+    print(f"# Sliding-window inference over 1x1x{args.size}³, overlap 0.5, gaussian, {datetime.date.today()}\n")
+    print(machine_description() + "\n")
+    print("`" + " ".join([".venv/bin/python", *sys.argv]) + "`; median of", args.repeats, "interleaved passes\n")
+    print(f"bf16 conv3d peak measured in this run: {peak:.0f} GFLOP/s\n")
+    print("| network | patch | windows | MONAI fp32 (s) | mednets bf16+CL (s) | speed-up | network only (s) "
+          "| network GFLOP/s | share of bf16 peak | argmax agreement |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for item in items:
+        label, model, patch, window = _network(item, tuple(args.patch))
+        print(_row(label, model, patch, _volume(args.size, window), args.batch_size, args.repeats, peak), flush=True)
+
+
+if __name__ == "__main__":
+    main()
