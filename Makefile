@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.mednets-installed
 
-.PHONY: demo test lint format
+.PHONY: demo test bench lint format
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
+
+# Every registered model, fp32 vs bf16 + channels-last; writes the table into benchmarks/RESULTS.md and README.md.
+bench: $(STAMP)
+	$(PYTHON) benchmarks/run_all.py --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
