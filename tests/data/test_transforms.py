@@ -72,6 +72,22 @@ def test_labels_from_logits_matches_full_resolution_argmax() -> None:
     np.testing.assert_array_equal(labels.numpy(), full.argmax(0).numpy())
 
 
+@pytest.mark.parametrize(
+    ("grid", "shape", "slab"), [((5, 6, 7), (37, 20, 9), 4), ((9, 6, 7), (4, 5, 6), 3), ((6, 7), (19, 23), 16)]
+)
+def test_labels_from_logits_in_slabs_equals_one_interpolation(
+    grid: tuple[int, ...], shape: tuple[int, ...], slab: int
+) -> None:
+    """Up- and downsampling, a depth that is no multiple of the slab, and 2D: all equal F.interpolate's argmax."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, *grid)
+    mode = "trilinear" if len(grid) == 3 else "bilinear"
+    full = torch.nn.functional.interpolate(logits[None], size=shape, mode=mode, align_corners=False)[0]
+    labels = labels_from_logits(logits, shape, slab=slab)
+    assert labels.shape == shape
+    np.testing.assert_array_equal(labels.numpy(), full.argmax(0).numpy())
+
+
 def test_presence_aware_crop_visits_absent_organ_bed(phantom_dataset: Path) -> None:
     dataset = load_dataset(phantom_dataset)
     loaded = [LoadVolumed(["image", "label"])(r) for r in dataset.records()]

@@ -74,6 +74,8 @@ def test_prediction_on_real_nifti_and_dicom_keeps_their_geometry(
     for case in ("example_ct_sm", "example_ct_dicom"):
         sidecar = json.loads((tmp_path / f"{case}.json").read_text())
         assert set(sidecar["structures"]) == set(anatomy.organ_names())
+        stages = ["read", "preprocess", "inference", "labels to the input grid", "write"]
+        assert list(sidecar["seconds"]) == stages and all(t >= 0 for t in sidecar["seconds"].values())
         for entry in sidecar["structures"].values():
             assert {"present", "probability", "confidence", "volume_ml"} <= set(entry)
             assert 0.0 <= entry["probability"] <= 1.0

@@ -304,6 +304,7 @@ def test_prior_starts_from_the_label_frequency_with_a_floor():
     assert prior_probs[0, 5, 5, 5] > 0.99  # always there
     bias = model.segmentation_head.segmentation_layer.bias
     torch.testing.assert_close(torch.sigmoid(bias[0]), frequency[0].mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.sigmoid(bias[2]), torch.tensor(0.01))  # rarer structures: RetinaNet's 0.01
 
 
 def test_prior_initialisation_rejects_a_frequency_of_another_grid():

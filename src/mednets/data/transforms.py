@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
@@ -167,25 +168,43 @@ class GridResize:
         return out
 
 
-def labels_from_logits(logits: torch.Tensor, shape: Sequence[int], *, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Upsample class scores ``[C, *grid]`` to ``shape`` and take the argmax, one class at a time.
+def labels_from_logits(
+    logits: torch.Tensor, shape: Sequence[int], *, dtype: torch.dtype = torch.uint8, slab: int = 16
+) -> torch.Tensor:
+    """Upsample class scores ``[C, *grid]`` to ``shape`` (trilinear / bilinear) and take the argmax, slab by slab.
 
-    Never holds all classes at full resolution in float (the classic RAM blow-up, nnU-Net #2912):
-    peak memory is two full-size float maps plus the uint8 labels, whatever the number of classes.
+    Never holds all classes at full resolution in float (the classic RAM blow-up, nnU-Net #2912): the
+    output is made `slab` planes of the first axis at a time. Trilinear interpolation is separable, so
+    each slab is the bilinear upsampling of the few source planes it needs, blended linearly along the
+    first axis with `F.interpolate`'s own coordinates (``align_corners=False``). Peak extra memory is
+    about ``C * (slab + 4) * H * W`` floats: ~280 MB for 14 classes at 512x512, whatever the depth.
+
+    Args:
+        logits: ``[C, D, H, W]`` or ``[C, H, W]`` scores on the model's grid.
+        shape: output size ``(D', H', W')`` or ``(H', W')``.
+        dtype: label dtype (uint8 holds up to 256 classes).
+        slab: output planes per step.
 
     Returns:
-        Label map ``shape`` of `dtype`.
+        Label map ``shape`` of `dtype`: the index of the largest upsampled score (the first on ties).
     """
-    mode = "trilinear" if len(shape) == 3 else "bilinear"
-    best = torch.full(tuple(shape), -torch.inf)
-    labels = torch.zeros(tuple(shape), dtype=dtype)
-    for index in range(logits.shape[0]):
-        score = torch.nn.functional.interpolate(
-            logits[index][None, None].float(), size=tuple(shape), mode=mode, align_corners=False
-        )[0, 0]
-        better = score > best
-        best = torch.where(better, score, best)
-        labels[better] = index
+    if logits.ndim == 3:  # 2D: a depth of one plane, interpolated with scale 1 (exact)
+        return labels_from_logits(logits[:, None], (1, *shape), dtype=dtype, slab=slab)[0]
+    depth = logits.shape[1]
+    out_depth, plane = int(shape[0]), tuple(int(n) for n in shape[1:])
+    source = (torch.arange(out_depth, dtype=torch.float64) + 0.5) * (depth / out_depth) - 0.5
+    source = source.clamp_min(0.0)
+    below = source.floor().long().clamp_max(depth - 1)
+    above = (below + 1).clamp_max(depth - 1)
+    fraction = (source - below).float()
+    labels = torch.empty(tuple(int(n) for n in shape), dtype=dtype)
+    for first in range(0, out_depth, slab):
+        rows = slice(first, min(first + slab, out_depth))
+        low, high = int(below[rows].min()), int(above[rows].max())
+        planes = F.interpolate(logits[:, low : high + 1].float(), size=plane, mode="bilinear", align_corners=False)
+        weight = fraction[rows].view(1, -1, 1, 1)
+        scores = torch.lerp(planes[:, below[rows] - low], planes[:, above[rows] - low], weight)  # [C, s, H', W']
+        labels[rows] = scores.argmax(0).to(dtype)
     return labels
 
 

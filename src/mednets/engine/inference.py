@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +61,11 @@ class LoadedRun:
 
 @dataclass
 class Prediction:
-    """A label map on the input's grid and the per-structure sidecar entries."""
+    """A label map on the input's grid, the per-structure sidecar entries and the time per stage."""
 
     labels: np.ndarray
     structures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
 
 def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
@@ -155,6 +157,19 @@ def _undo_pad_crop(
     return out
 
 
+class _StageClock:
+    """Wall time per named stage: `lap(name)` closes the stage that ran since the previous lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def _flip_variants(tta_axes: Sequence[int]) -> list[tuple[int, ...]]:
     """No flip, then each axis alone (axes of `[B, C, D, H, W]` counted from the spatial ones)."""
     return [(), *[(2 + axis,) for axis in tta_axes]]
@@ -209,8 +224,10 @@ def predict_volume(
             "volume contains NaN or infinite values", source=str(volume.meta.get("source", "input"))
         )
     prep = run.preprocessing
+    clock = _StageClock()
     oriented = volume.reoriented(prep["orientation"])
     image = _resample(_window(oriented.array, prep["hu_window"]), oriented.spacing, prep["spacing_mm"])
+    clock.lap("preprocess")
     autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32)
     structure_ids = list(run.structures.values())
     sidecar: dict[str, dict[str, Any]] = {}
@@ -244,6 +261,7 @@ def predict_volume(
 
             scores = _averaged(run_model, image[None, None], tta_axes)["scores"][0].cpu()
             presence = confidence = present = None
+    clock.lap("inference")
     labels = labels_from_logits(scores.float(), oriented.array.shape).numpy()
     label_ids = np.asarray([0, *structure_ids], dtype=np.uint8)
     labels = label_ids[labels]  # channel index -> label id
@@ -260,7 +278,8 @@ def predict_volume(
                      "volume_ml": volume_ml, "presence_source": "mask"}  # fmt: skip
         sidecar[name] = entry
     restored = Volume(labels, oriented.affine).reoriented(volume.orientation)
-    return Prediction(labels=restored.array, structures=sidecar)
+    clock.lap("labels to the input grid")
+    return Prediction(labels=restored.array, structures=sidecar, seconds=clock.seconds)
 
 
 def _case_name(path: Path) -> str:
@@ -307,12 +326,17 @@ def predict_paths(
     failed: list[tuple[str, str]] = []
     for path in tqdm(_inputs(inputs), desc="predicting", unit="scan", disable=not progress):
         try:
+            reading = _StageClock()
             volume = read_volume(path)
+            reading.lap("read")
             prediction = predict_volume(run, volume, **options)
             case = _case_name(path)
+            writing = _StageClock()
             label_path = write_volume(Volume(prediction.labels, volume.affine), out_dir / f"{case}.nii.gz")
+            writing.lap("write")
             sidecar = {
                 "structures": prediction.structures,
+                "seconds": {**reading.seconds, **prediction.seconds, **writing.seconds},
                 "model": {"name": run.model_name, "run": str(run.run_dir)},
                 "input": {"path": str(path), "shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
                           "orientation": volume.orientation},

@@ -116,7 +116,7 @@ def sliding_window_logits(
             if not isinstance(logits, torch.Tensor):
                 raise InvalidInputError("sliding-window models must return one tensor of logits",
                                         source="model", got=type(logits).__name__)  # fmt: skip
-            logits = logits.to(device=target, dtype=torch.float32)
+            logits = logits.to(device=target, dtype=torch.float32, memory_format=torch.contiguous_format)
             if output is None:
                 output = torch.zeros((logits.shape[1], *padded), device=target)
             for window_logits, corner in zip(logits, batch, strict=True):
