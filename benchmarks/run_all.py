@@ -15,7 +15,12 @@ bf16 in channels_last_3d.
     .venv/bin/python benchmarks/run_all.py --models unet dynunet --repeats 5
     .venv/bin/python benchmarks/run_all.py --tiny --repeats 1       # seconds: a smoke run at tiny sizes
 
-With `--write`, the table replaces the block between the `<!-- make bench -->` markers of
+A second table is the training step of SADAAn (`sadaan_fast`) and LHA-Net (`lhanet_lightweight`) in
+four variants, fp32 or bf16 + channels-last, gradient checkpointing off or on: step time (the four
+interleaved in one process) and peak memory (fresh child per variant), with ratios to fp32 without
+checkpointing (`--checkpointing-models` picks other models).
+
+With `--write`, the tables replace the block between the `<!-- make bench -->` markers of
 benchmarks/RESULTS.md and README.md (appended to RESULTS.md when it has none).
 """
 
@@ -85,11 +90,12 @@ def _surrogate_loss(outputs: Any) -> torch.Tensor:
     return sum((_surrogate_loss(v) for v in values), torch.zeros(()))
 
 
-def _build(name: str, tiny: bool, fast: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+def _build(name: str, tiny: bool, fast: bool, checkpointing: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model (seeded) and a random input ``[BATCH, C, *size]``, both in channels-last when `fast`."""
     spec = get_model_spec(name)
     torch.manual_seed(0)
     model = create_model(name, **(spec.tiny_overrides if tiny else {}))
+    model.set_gradient_checkpointing(checkpointing)
     x = torch.rand(BATCH, spec.in_channels, *(spec.tiny_input_size if tiny else spec.input_size))
     if fast:
         memory_format = memory_format_for(spec.spatial_dims)
@@ -121,9 +127,9 @@ def _passes(model: torch.nn.Module, x: torch.Tensor, fast: bool) -> dict[str, Ca
     return {"forward": forward, "training step": train_step}
 
 
-def measured_pass(name: str, tiny: bool, fast: bool, kind: str) -> None:
+def measured_pass(name: str, tiny: bool, fast: bool, kind: str, checkpointing: bool = False) -> None:
     """One warm-up and one timed call of a pass (run in a child process for its peak memory)."""
-    model, x = _build(name, tiny, fast)
+    model, x = _build(name, tiny, fast, checkpointing)
     run = _passes(model, x, fast)[kind]
     run()
     run()
@@ -180,6 +186,37 @@ def table(models: list[str], tiny: bool, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def checkpointing_table(models: list[str], tiny: bool, repeats: int) -> str:
+    """Training step per model: fp32 / bf16 + CL x checkpointing off / on, ratios to fp32 without it."""
+    variants = [(fast, checkpointing) for fast in (False, True) for checkpointing in (False, True)]
+    lines = [
+        "Training step (forward + backward + AdamW), batch 2 at the registry's input size; ratios to fp32 "
+        "without checkpointing (time: higher is faster; memory: higher is leaner).",
+        "",
+        "| model | precision | checkpointing | training step (ms) | speed-up | peak MB | memory ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in models:
+        functions = {}
+        for fast, checkpointing in variants:
+            model, x = _build(name, tiny, fast, checkpointing)
+            functions[(fast, checkpointing)] = _passes(model, x, fast)["training step"]
+        times = interleaved(functions, repeats)  # type: ignore[arg-type]
+        memory = {
+            (fast, ckpt): run_measured(measured_pass, name, tiny, fast, "training step", ckpt).peak_mb
+            for fast, ckpt in variants
+        }
+        base_time, base_memory = times[(False, False)], memory[(False, False)]
+        for fast, checkpointing in variants:
+            step, peak = times[(fast, checkpointing)], memory[(fast, checkpointing)]
+            lines.append(
+                f"| {name} | {VARIANTS[fast]} | {'on' if checkpointing else 'off'} | {step * 1e3:.0f} "
+                f"| {base_time / step:.2f}x | {peak:.0f} | {base_memory / peak:.2f}x |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def write_block(path: Path, text: str, *, append: bool) -> None:
     """Replace the marked block of `path` with `text` (or append a new block when `append`)."""
     content = path.read_text(encoding="utf-8")
@@ -200,10 +237,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="registry names (default: all)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="the registry's tiny builds (a smoke run)")
-    parser.add_argument("--write", action="store_true", help="put the table into RESULTS.md and README.md")
+    parser.add_argument("--checkpointing-models", nargs="*", default=["sadaan_fast", "lhanet_lightweight"],
+                        help="models of the checkpointing table (none: skip it)")  # fmt: skip
+    parser.add_argument("--write", action="store_true", help="put the tables into RESULTS.md and README.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     text = table(args.models or list_models(), args.tiny, args.repeats)
+    if args.checkpointing_models:
+        text += "\n\n" + checkpointing_table(args.checkpointing_models, args.tiny, args.repeats)
     print("\n" + text)
     if args.write:
         write_block(ROOT / "benchmarks" / "RESULTS.md", text, append=True)
