@@ -13,6 +13,11 @@ The machine's bf16 peak is measured in the same run (a 64->64 channel 3x3x3 conv
 FLOPs of one window forward x windows / network-only time) is shown as a fraction of it. Agreement is
 the share of voxels whose argmax equals the fp32 MONAI result.
 
+A second table (`--knobs`, the first `--run`) prices `mednets predict`'s knobs end to end on the same
+phantom given the run's voxel spacing (so the whole ``--size``³ grid is windowed): `predict_volume`
+with the default (overlap 0.5, 2 windows per batch, bf16, no TTA) against one change at a time, timed
+interleaved, with the share of voxels labelled as by the default.
+
 Networks come from trained run folders (``--run LABEL=RUN_DIR``, the run's patch size); without one
 the registry's network is built with random weights at ``--patch`` (marked "untrained").
 
@@ -35,8 +40,9 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from mednets.data.io import Volume
 from mednets.data.phantoms import PhantomConfig, generate_phantom
-from mednets.engine.inference import load_run
+from mednets.engine.inference import load_run, predict_volume
 from mednets.engine.sliding_window import sliding_window_logits, window_starts
 from mednets.models import create_model
 from mednets.reports.measure import count_flops, machine_description
@@ -119,6 +125,41 @@ def _row(
             f"| {achieved / peak:.0%} | {agreement:.4f} |")  # fmt: skip
 
 
+def knob_table(run_dir: str, size: int, repeats: int) -> str:
+    """`predict_volume` with its defaults against one knob changed at a time (seconds, ratio, agreement)."""
+    run = load_run(run_dir)
+    phantom = generate_phantom(0, PhantomConfig(shape=(size, size, size)))
+    affine = phantom.affine.copy()
+    spacing = np.asarray(run.preprocessing["spacing_mm"], dtype=np.float64)[::-1]  # x, y, z = W, H, D
+    affine[:3, :3] = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0) * spacing
+    volume = Volume(phantom.image.astype(np.int16), affine)
+    knobs: dict[str, dict[str, object]] = {
+        "default: overlap 0.5, batch 2, bf16, no TTA": {},
+        "overlap 0.25": {"overlap": 0.25},
+        "overlap 0.75": {"overlap": 0.75},
+        "batch 1": {"batch_size": 1},
+        "batch 4": {"batch_size": 4},
+        "TTA: flips along D, H and W (4 passes)": {"tta_axes": (0, 1, 2)},
+        "fp32 (no autocast)": {"dtype": torch.float32},
+    }
+    labels: dict[str, np.ndarray] = {}
+
+    def predictor(name: str, options: dict[str, object]) -> Callable[[], None]:
+        def predict() -> None:
+            labels[name] = predict_volume(run, volume, **options).labels  # type: ignore[arg-type]
+
+        return predict
+
+    times = _interleaved({name: predictor(name, options) for name, options in knobs.items()}, repeats)
+    default = next(iter(knobs))
+    lines = [f"`mednets predict` knobs, {run_dir} on a {size}³ phantom at the run's spacing; median of {repeats}\n",
+             "| knob | seconds | time vs default | voxels labelled as by the default |", "|---|---|---|---|"]  # fmt: skip
+    for name in knobs:
+        agreement = float((labels[name] == labels[default]).mean())
+        lines.append(f"| {name} | {times[name]:.2f} | {times[name] / times[default]:.2f}x | {agreement:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR of a trained 3D patch model")
@@ -127,6 +168,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--knobs", action="store_true", help="also price predict's knobs on the first --run")
     args = parser.parse_args()
     torch.set_num_threads(2)
     items = args.run + args.model or ["lhanet_lightweight", "dynunet"]
@@ -141,6 +183,8 @@ def main() -> None:
     for item in items:
         label, model, patch, window = _network(item, tuple(args.patch))
         print(_row(label, model, patch, _volume(args.size, window), args.batch_size, args.repeats, peak), flush=True)
+    if args.knobs and args.run:
+        print("\n" + knob_table(args.run[0].split("=", 1)[1], args.size, max(3, args.repeats // 2)))
 
 
 if __name__ == "__main__":

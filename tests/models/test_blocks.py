@@ -1,11 +1,13 @@
-"""Dimension-generic blocks: the bf16 Conv3d workaround."""
+"""Dimension-generic blocks: the bf16 Conv3d workaround, instance norm that keeps channels_last."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from mednets.models.blocks import conv
+from mednets.models import create_model
+from mednets.models.blocks import InstanceNorm, conv, instance_norms_as_group_norms
 
 
 @pytest.mark.parametrize("depth", [2, 3])
@@ -27,3 +29,32 @@ def test_bf16_conv3d_weight_gradient_matches_fp32(depth: int, channels_last: boo
     reference, low = gradients
     assert torch.isfinite(low).all()
     assert (low - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7, 4), (3, 4, 9, 11)])
+def test_instance_norm_equals_torch_instance_norm_and_keeps_channels_last(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    reference = {5: nn.InstanceNorm3d, 4: nn.InstanceNorm2d}[len(shape)](shape[1], affine=True)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    ours = InstanceNorm(shape[1])
+    ours.load_state_dict(reference.state_dict())
+    layout = {5: torch.channels_last_3d, 4: torch.channels_last}[len(shape)]
+    x = (3 * torch.randn(shape) + 2).contiguous(memory_format=layout)
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert ours(x).is_contiguous(memory_format=layout)
+
+
+def test_instance_norms_of_a_monai_network_are_swapped_with_their_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3), nn.InstanceNorm3d(4, affine=True), nn.Sequential(nn.InstanceNorm3d(4)))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 1, 8, 8, 8)
+    expected = model(x)
+    swapped = instance_norms_as_group_norms(model)
+    assert isinstance(swapped[1], InstanceNorm) and isinstance(swapped[2][0], InstanceNorm)
+    assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in swapped.modules())
+    torch.testing.assert_close(swapped(x), expected, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in create_model("dynunet").modules())

