@@ -182,3 +182,28 @@ def test_absent_weight_weights_absent_pairs_in_the_absence_term(outputs):
     assert weighted.item() == pytest.approx((-math.log(0.75) + 3 * LN2) / 4)
     plain = SpatialAttentionLoss()(outputs, targets)["absence"]
     assert plain.item() == pytest.approx((-math.log(0.75) + LN2) / 2)
+
+
+def test_balanced_attention_supervision_weighs_inside_and_outside_equally():
+    """One structure of 4 voxels, 1 inside: the voxel mean is dominated by the 3 outside, the balanced one is not."""
+    logits = torch.zeros(1, 1, 1, 1, 4, dtype=torch.float64)
+    absence_logits = torch.zeros(1, 1, 2, dtype=torch.float64)
+    outputs = {
+        "segmentation_logits": logits,
+        "segmentation_probs": torch.sigmoid(logits),
+        "absence_logits": absence_logits,
+        "presence_probs": torch.softmax(absence_logits, -1)[..., 1],
+        "attention_maps": torch.tensor([0.1, 0.1, 0.1, 0.1], dtype=torch.float64).view(1, 1, 1, 1, 4),
+        "confidence_scores": torch.full((1, 1), 0.5, dtype=torch.float64),
+    }
+    targets = {"segmentation_targets": torch.tensor([1.0, 0, 0, 0], dtype=torch.float64).view(1, 1, 1, 1, 4)}
+    inside, outside = -math.log(0.1), -math.log(0.9)
+    plain = SpatialAttentionLoss()(outputs, targets)["attention_supervision"]
+    assert plain.item() == pytest.approx((inside + 3 * outside) / 4)
+    balanced = SpatialAttentionLoss(attention_balanced=True)(outputs, targets)["attention_supervision"]
+    assert balanced.item() == pytest.approx((inside + outside) / 2)
+    # A structure filling its volume has no outside: the inside mean alone (not half of it).
+    full = {"segmentation_targets": torch.ones(1, 1, 1, 1, 4, dtype=torch.float64)}
+    assert SpatialAttentionLoss(attention_balanced=True)(outputs, full)[
+        "attention_supervision"
+    ].item() == pytest.approx(inside)

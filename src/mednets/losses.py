@@ -39,7 +39,10 @@ class SpatialAttentionLoss(nn.Module):
       head learns to call everything present.
     - `false_positive_suppression`: voxel-mean of `segmentation_probs`, absent pairs only.
     - `attention_supervision`: voxel-mean BCE of `attention_maps` against the attention targets
-      (binarised at 0.5), present pairs only.
+      (binarised at 0.5), present pairs only. With `attention_balanced` it is the mean of the BCE
+      over the target's voxels and over the rest, each side weighing 1/2: the voxel mean lets a
+      structure of a few dozen voxels (an adrenal in 64³) drive its attention map to zero everywhere,
+      and as the segmentation logit is scaled by the attention, the structure is then never segmented.
     - `confidence`: BCE of `confidence_scores` against "the presence decision is right"
       (`present == presence_targets`, using the model's `present` output, else `presence_probs >= 0.5`),
       all pairs: the confidence head learns to predict when the absence head is wrong.
@@ -53,6 +56,7 @@ class SpatialAttentionLoss(nn.Module):
         focal_gamma: focusing exponent; 0 (default) keeps plain BCE.
         dice_eps: smoothing of the Dice ratio.
         absent_weight: weight of absent pairs in the `absence` term (a weighted mean over pairs).
+        attention_balanced: class-balanced attention supervision (seed: False, the voxel mean).
     """
 
     DEFAULT_WEIGHTS: Mapping[str, float] = {
@@ -72,6 +76,7 @@ class SpatialAttentionLoss(nn.Module):
         focal_gamma: float = 0.0,
         dice_eps: float = 1e-6,
         absent_weight: float = 1.0,
+        attention_balanced: bool = False,
     ) -> None:
         super().__init__()
         unknown = sorted(set(weights or {}) - set(self.DEFAULT_WEIGHTS))
@@ -88,6 +93,7 @@ class SpatialAttentionLoss(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.dice_eps = dice_eps
         self.absent_weight = float(absent_weight)
+        self.attention_balanced = bool(attention_balanced)
 
     def forward(
         self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
@@ -117,10 +123,7 @@ class SpatialAttentionLoss(nn.Module):
             "false_positive_suppression": _masked_mean(probs.flatten(2).mean(-1), absent),
             "absence": self._absence_loss(outputs["absence_logits"].float(), present),
             "attention_supervision": _masked_mean(
-                _voxel_mean(
-                    F.binary_cross_entropy(outputs["attention_maps"].float(), attention_targets, reduction="none")
-                ),
-                present,
+                self._attention_bce(outputs["attention_maps"].float(), attention_targets), present
             ),
             "confidence": self._confidence_loss(outputs, present),
         }
@@ -156,6 +159,19 @@ class SpatialAttentionLoss(nn.Module):
         attention = masks if attention is None else attention.float()
         _check_shape(attention, shape, "attention_targets")
         return masks, presence, (attention > 0.5).float()
+
+    def _attention_bce(self, attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """BCE per pair, `[B, S, *spatial]` -> `[B, S]`: the voxel mean, or balanced between inside and outside."""
+        bce = F.binary_cross_entropy(attention, targets, reduction="none")
+        if not self.attention_balanced:
+            return _voxel_mean(bce)
+        inside = targets.flatten(2)
+        bce = bce.flatten(2)
+        outside = 1 - inside
+        mean_inside = (bce * inside).sum(-1) / inside.sum(-1).clamp(min=1)
+        mean_outside = (bce * outside).sum(-1) / outside.sum(-1).clamp(min=1)
+        parts = (inside.sum(-1) > 0).to(bce.dtype) + (outside.sum(-1) > 0).to(bce.dtype)  # 1 when one side is empty
+        return (mean_inside + mean_outside) / parts.clamp(min=1)
 
     def _voxel_bce(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Voxel-mean BCE (or focal loss) per pair: `[B, S, D, H, W]` -> `[B, S]`."""

@@ -61,17 +61,25 @@ _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class InstanceNorm(nn.GroupNorm):
-    """Instance normalisation that keeps the memory format: `nn.GroupNorm` with one channel per group.
+    """Instance normalisation with the faster CPU kernel for each case: `[B, C, *S] -> [B, C, *S]`.
 
     The statistics are those of `nn.InstanceNorm{1,2,3}d` without running stats (per sample and channel,
-    biased variance, same `eps`), for any number of spatial axes, and the affine parameters have the same
-    names. But PyTorch's InstanceNorm returns a contiguous tensor from a channels-last input, so each
-    layer costs two layout copies in a channels-last network; GroupNorm keeps channels_last(_3d). On
-    this CPU, at bf16 [4, 16, 64, 64, 64] channels_last_3d: 27 ms against 65 ms.
+    biased variance, same `eps`), for any number of spatial axes, and the affine parameters have the
+    same names. Without gradients (inference) it runs as `nn.GroupNorm` with one channel per group,
+    which keeps channels_last(_3d); PyTorch's InstanceNorm returns a contiguous tensor from a
+    channels-last input, so each layer costs two layout copies. With gradients it runs
+    `F.instance_norm`, whose backward is the faster one. Measured on this CPU, conv3d + norm in bf16 at
+    [2, 32, 64, 64, 64] channels_last_3d: forward 70 ms (group) against 99 ms (instance); forward +
+    backward 487 ms (group) against 310 ms (instance).
     """
 
     def __init__(self, channels: int, affine: bool = True, eps: float = 1e-5) -> None:
         super().__init__(channels, channels, eps=eps, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        return super().forward(x)
 
 
 def instance_norms_as_group_norms(module: nn.Module) -> nn.Module:
