@@ -141,6 +141,7 @@ def knob_table(run_dir: str, size: int, repeats: int) -> str:
         "batch 4": {"batch_size": 4},
         "TTA: flips along D, H and W (4 passes)": {"tta_axes": (0, 1, 2)},
         "fp32 (no autocast)": {"dtype": torch.float32},
+        "scores accumulated in bfloat16": {"accumulate_dtype": torch.bfloat16},
     }
     labels: dict[str, np.ndarray] = {}
 

@@ -264,6 +264,9 @@ def predict_command(
     accumulate_device: Annotated[
         str, typer.Option("--accumulate-device", help="Device holding the blended full-volume scores (cpu, cuda).")
     ] = "cpu",
+    accumulate_dtype: Annotated[
+        str, typer.Option("--accumulate-dtype", help="float32 or bfloat16 (half the memory) for the blended scores.")
+    ] = "float32",
     precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
 ) -> None:
     """Segment scans (NIfTI, NRRD, MHA, DICOM): label maps with the input's geometry plus JSON sidecars."""
@@ -276,9 +279,12 @@ def predict_command(
     tta_axes = allowed_flip_axes(list(loaded.structures)) if tta else []
     if precision not in ("bf16", "fp32"):
         raise typer.BadParameter("bf16 or fp32", param_hint="--precision")
+    if accumulate_dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter("float32 or bfloat16", param_hint="--accumulate-dtype")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     result = predict_paths(loaded, inputs, out, tta_axes=tta_axes, overlap=overlap, gating=gating, dtype=dtype,
-                           batch_size=batch_size, accumulate_device=accumulate_device)  # fmt: skip
+                           batch_size=batch_size, accumulate_device=accumulate_device,
+                           accumulate_dtype=getattr(torch, accumulate_dtype))  # fmt: skip
     for path in result["written"]:
         console.print(f"wrote {path}")
     for _path, message in result["failed"]:  # the message names the file

@@ -46,6 +46,15 @@ def test_bf16_channels_last_agrees_with_fp32() -> None:
     assert (bf16 - fp32).abs().max() < 0.1 * fp32.abs().max()
 
 
+def test_bfloat16_accumulator_is_half_the_memory_and_close_to_float32() -> None:
+    net, image = _net(), torch.rand(1, 40, 36, 28)
+    full = sliding_window_logits(net, image, (16, 16, 16), precision="fp32")
+    half = sliding_window_logits(net, image, (16, 16, 16), precision="fp32", accumulate_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.element_size() * 2 == full.element_size()
+    torch.testing.assert_close(half.float(), full, atol=0.02 * float(full.abs().max()), rtol=0)
+    assert (half.argmax(0) == full.argmax(0)).float().mean() > 0.97
+
+
 def test_batch_size_does_not_change_the_result() -> None:
     net, image = _net(), torch.rand(1, 30, 30, 30)
     one = sliding_window_logits(net, image, (16, 16, 16), precision="fp32", batch_size=1)

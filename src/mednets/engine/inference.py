@@ -186,7 +186,7 @@ def _averaged(
         for key, value in outputs.items():
             if not value.is_floating_point():
                 continue
-            value = value.float()
+            value = value if len(variants) == 1 else value.float()  # one pass: keep the accumulator's dtype
             if dims and value.ndim == x.ndim:
                 value = value.flip(dims)
             totals[key] = totals.get(key, 0) + value / len(variants)
@@ -203,6 +203,7 @@ def predict_volume(
     dtype: torch.dtype = torch.bfloat16,
     batch_size: int = 2,
     accumulate_device: str | torch.device | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
 ) -> Prediction:
     """Predict a label map for `volume` on its own grid, and the per-structure sidecar entries.
 
@@ -215,6 +216,7 @@ def predict_volume(
         dtype: autocast dtype on CPU/CUDA (`torch.float32` disables autocast).
         batch_size: windows per forward pass (patch models).
         accumulate_device: where the blended full-volume scores live (patch models; default: the CPU).
+        accumulate_dtype: their dtype (patch models): bfloat16 halves the largest buffer of a big scan.
     """
     if volume.array.ndim != 3 or volume.channel_axis is not None:
         raise InvalidInputError("expected a 3D volume", source=str(volume.meta.get("source", "input")),
@@ -256,13 +258,14 @@ def predict_volume(
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
                 logits = sliding_window_logits(run.model, x[0], prep["patch_size"], overlap=overlap,
                                                batch_size=batch_size, accumulate_device=accumulate_device or "cpu",
+                                               accumulate_dtype=accumulate_dtype,
                                                precision="fp32" if dtype == torch.float32 else "bf16")  # fmt: skip
                 return {"scores": torch.softmax(logits, 0)[None]}
 
             scores = _averaged(run_model, image[None, None], tta_axes)["scores"][0].cpu()
             presence = confidence = present = None
     clock.lap("inference")
-    labels = labels_from_logits(scores.float(), oriented.array.shape).numpy()
+    labels = labels_from_logits(scores, oriented.array.shape).numpy()  # float32 slab by slab
     label_ids = np.asarray([0, *structure_ids], dtype=np.uint8)
     labels = label_ids[labels]  # channel index -> label id
     voxel_ml = volume.voxel_volume_ml()

@@ -56,6 +56,7 @@ def sliding_window_logits(
     precision: str = "bf16",
     channels_last: bool = True,
     accumulate_device: torch.device | str | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
     pad_value: float = 0.0,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -72,11 +73,13 @@ def sliding_window_logits(
         channels_last: feed windows in ``channels_last_3d`` / ``channels_last`` memory format.
         accumulate_device: where the full-size output lives (default: the image's device); a GPU model
             with a CPU accumulator handles volumes larger than GPU memory.
+        accumulate_dtype: dtype of the blended output (float32; bfloat16 or float16 halve its memory,
+            ``K`` x the volume, at the cost of rounding in the sums).
         pad_value: fill for axes shorter than the patch.
         progress: show a progress bar over the batches.
 
     Returns:
-        ``[K, *spatial]`` float32 on `accumulate_device`: the weighted mean of the window outputs.
+        ``[K, *spatial]`` of `accumulate_dtype` on `accumulate_device`: the weighted mean of the window outputs.
 
     Raises:
         ConfigError: bad overlap, batch size, precision or patch size; InvalidInputError: bad image.
@@ -100,6 +103,7 @@ def sliding_window_logits(
     device = _model_device(model, image)
     target = torch.device(accumulate_device) if accumulate_device is not None else image.device
     importance = importance_map(tuple(patch), sigma_scale).to(target)  # [*patch]
+    weighting = importance.to(accumulate_dtype)
     weight_sum = torch.zeros(padded, device=target)
     memory_format = {3: torch.channels_last, 4: torch.channels_last_3d}[image.ndim] if channels_last else None
     source = image.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -116,12 +120,12 @@ def sliding_window_logits(
             if not isinstance(logits, torch.Tensor):
                 raise InvalidInputError("sliding-window models must return one tensor of logits",
                                         source="model", got=type(logits).__name__)  # fmt: skip
-            logits = logits.to(device=target, dtype=torch.float32, memory_format=torch.contiguous_format)
+            logits = logits.to(device=target, dtype=accumulate_dtype, memory_format=torch.contiguous_format)
             if output is None:
-                output = torch.zeros((logits.shape[1], *padded), device=target)
+                output = torch.zeros((logits.shape[1], *padded), device=target, dtype=accumulate_dtype)
             for window_logits, corner in zip(logits, batch, strict=True):
                 region = _slices(corner, patch)
-                output[(slice(None), *region)].addcmul_(window_logits, importance)
+                output[(slice(None), *region)].addcmul_(window_logits, weighting)
                 weight_sum[region] += importance
     assert output is not None  # at least one window always runs
     output.div_(weight_sum)
