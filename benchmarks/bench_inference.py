@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="registry name, random weights")
     parser.add_argument("--patch", type=int, nargs=3, default=(64, 64, 64))
     parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)  # mednets predict's default (fastest here)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--knobs", action="store_true", help="also price predict's knobs on the first --run")
     args = parser.parse_args()

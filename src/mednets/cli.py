@@ -268,6 +268,14 @@ def predict_command(
         str, typer.Option("--accumulate-dtype", help="float32 or bfloat16 (half the memory) for the blended scores.")
     ] = "float32",
     precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
+    min_volume_fraction: Annotated[
+        float,
+        typer.Option(
+            "--min-volume-fraction",
+            min=0.0,
+            help="Empty a structure painted with less than this fraction of its smallest volume in training (0: off).",
+        ),
+    ] = 0.25,
 ) -> None:
     """Segment scans (NIfTI, NRRD, MHA, DICOM): label maps with the input's geometry plus JSON sidecars."""
     import torch
@@ -284,7 +292,8 @@ def predict_command(
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     result = predict_paths(loaded, inputs, out, tta_axes=tta_axes, overlap=overlap, gating=gating, dtype=dtype,
                            batch_size=batch_size, accumulate_device=accumulate_device,
-                           accumulate_dtype=getattr(torch, accumulate_dtype))  # fmt: skip
+                           accumulate_dtype=getattr(torch, accumulate_dtype),
+                           min_volume_fraction=min_volume_fraction)  # fmt: skip
     for path in result["written"]:
         console.print(f"wrote {path}")
     for _path, message in result["failed"]:  # the message names the file

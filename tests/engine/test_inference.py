@@ -13,7 +13,7 @@ from mednets import anatomy
 from mednets.cli import main
 from mednets.config import load_config
 from mednets.data.io import read_volume
-from mednets.engine.inference import load_run, predict_paths
+from mednets.engine.inference import drop_small_structures, load_run, predict_paths
 from mednets.engine.training import run_training
 
 TINY = {
@@ -99,3 +99,21 @@ def test_gating_empties_structures_judged_absent(tiny_sadaan_run: Path, tmp_path
     assert not read_volume(tmp_path / "phantom_000.nii.gz").array.any()
     sidecar = json.loads((tmp_path / "phantom_000.json").read_text())["structures"]
     assert all(not e["present"] and "why_empty" in e for e in sidecar.values())
+
+
+def test_structures_painted_far_smaller_than_in_training_are_emptied() -> None:
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[:2, :2, :2] = 1  # 8 voxels = 1 mL: a kidney of at least 40 mL in training -> noise
+    labels[5:, 5:, 5:] = 2  # 125 voxels = 15.6 mL, above a quarter of 20 mL -> kept
+    labels[0, 9, 9] = 3  # one voxel of a structure without a training volume -> kept
+    structures = {"kidney": 1, "spleen": 2, "other": 3}
+    dropped = drop_small_structures(labels, structures, 0.125, {"kidney": 40.0, "spleen": 20.0}, 0.25)
+    assert list(dropped) == ["kidney"] and "1.00 mL" in dropped["kidney"] and "40.00 mL" in dropped["kidney"]
+    assert not (labels == 1).any() and (labels == 2).sum() == 125 and (labels == 3).sum() == 1
+    assert drop_small_structures(labels, structures, 0.125, {"spleen": 1000.0}, 0.0) == {}  # off
+
+
+def test_runs_record_each_structures_smallest_training_volume(tiny_sadaan_run: Path) -> None:
+    preprocessing = json.loads((tiny_sadaan_run / "preprocessing.json").read_text(encoding="utf-8"))
+    smallest = preprocessing["smallest_training_volume_ml"]
+    assert set(smallest) <= set(anatomy.organ_names()) and smallest["liver"] > smallest["right_adrenal"] > 0

@@ -109,6 +109,25 @@ class Dataset:
         overrides = self.info.get("presence", {}).get(case_id, {})
         return presence_targets(labels, self.labels, min_voxels=self.min_voxels, overrides=overrides)
 
+    def smallest_volumes_ml(self) -> dict[str, float]:
+        """The smallest volume (mL) of each structure over the training cases where it is present.
+
+        Structures present in no training case are left out. Reads every training label map.
+        """
+        from mednets.data.io import read_volume
+
+        smallest: dict[str, float] = {}
+        for case in self.training:
+            assert case.label is not None  # training cases always have labels (validated on load)
+            label = read_volume(case.label)
+            present = self.presence(case.case_id, label.array)
+            counts = np.bincount(label.array.ravel().astype(np.int64), minlength=max(self.labels.values()) + 1)
+            for name in self.structures:
+                if present[name]:
+                    volume = float(counts[self.labels[name]]) * label.voxel_volume_ml()
+                    smallest[name] = min(smallest.get(name, volume), volume)
+        return smallest
+
     def records(self, cases: list[str] | None = None) -> list[dict[str, Any]]:
         """MONAI-style data list: ``{"image": [paths], "label": path, "case": id, "presence": [0/1 ...]}``.
 

@@ -198,13 +198,14 @@ def labels_from_logits(
     above = (below + 1).clamp_max(depth - 1)
     fraction = (source - below).float()
     labels = torch.empty(tuple(int(n) for n in shape), dtype=dtype)
+    scores = torch.empty((logits.shape[0], min(slab, out_depth), *plane))  # [C, s, H', W'], reused
     for first in range(0, out_depth, slab):
-        rows = slice(first, min(first + slab, out_depth))
-        low, high = int(below[rows].min()), int(above[rows].max())
+        rows = range(first, min(first + slab, out_depth))
+        low, high = int(below[first]), int(above[rows[-1]])
         planes = F.interpolate(logits[:, low : high + 1].float(), size=plane, mode="bilinear", align_corners=False)
-        weight = fraction[rows].view(1, -1, 1, 1)
-        scores = torch.lerp(planes[:, below[rows] - low], planes[:, above[rows] - low], weight)  # [C, s, H', W']
-        labels[rows] = scores.argmax(0).to(dtype)
+        for j, row in enumerate(rows):  # blend the two planes around each output plane, in place
+            torch.lerp(planes[:, below[row] - low], planes[:, above[row] - low], fraction[row], out=scores[:, j])
+        labels[first : rows[-1] + 1] = scores[:, : len(rows)].argmax(0).to(dtype)
     return labels
 
 

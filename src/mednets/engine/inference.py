@@ -41,7 +41,7 @@ from mednets.engine.training import build_model_for_data
 from mednets.errors import CheckpointError, InvalidInputError, MednetsError
 from mednets.models import get_model_spec
 
-__all__ = ["LoadedRun", "Prediction", "load_run", "predict_volume", "predict_paths"]
+__all__ = ["LoadedRun", "Prediction", "drop_small_structures", "load_run", "predict_volume", "predict_paths"]
 
 AIR_HU = -1000.0
 
@@ -204,6 +204,7 @@ def predict_volume(
     batch_size: int = 2,
     accumulate_device: str | torch.device | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
+    min_volume_fraction: float = 0.25,
 ) -> Prediction:
     """Predict a label map for `volume` on its own grid, and the per-structure sidecar entries.
 
@@ -217,6 +218,9 @@ def predict_volume(
         batch_size: windows per forward pass (patch models).
         accumulate_device: where the blended full-volume scores live (patch models; default: the CPU).
         accumulate_dtype: their dtype (patch models): bfloat16 halves the largest buffer of a big scan.
+        min_volume_fraction: empty a structure painted with less than this fraction of its smallest
+            volume in training (the run's `smallest_training_volume_ml`; runs without it are not
+            filtered): a few voxels of a removed kidney are noise, not a kidney. 0 turns it off.
     """
     if volume.array.ndim != 3 or volume.channel_axis is not None:
         raise InvalidInputError("expected a 3D volume", source=str(volume.meta.get("source", "input")),
@@ -269,6 +273,8 @@ def predict_volume(
     label_ids = np.asarray([0, *structure_ids], dtype=np.uint8)
     labels = label_ids[labels]  # channel index -> label id
     voxel_ml = volume.voxel_volume_ml()
+    dropped = drop_small_structures(labels, run.structures, voxel_ml,
+                                    prep.get("smallest_training_volume_ml", {}), min_volume_fraction)  # fmt: skip
     for index, (name, label) in enumerate(run.structures.items()):
         volume_ml = float((labels == label).sum()) * voxel_ml
         if presence is not None:
@@ -279,10 +285,44 @@ def predict_volume(
         else:
             entry = {"present": volume_ml > 0, "probability": float(volume_ml > 0), "confidence": 1.0,
                      "volume_ml": volume_ml, "presence_source": "mask"}  # fmt: skip
+        if name in dropped:
+            entry["present"] = False
+            entry["why_empty"] = dropped[name]
         sidecar[name] = entry
     restored = Volume(labels, oriented.affine).reoriented(volume.orientation)
     clock.lap("labels to the input grid")
     return Prediction(labels=restored.array, structures=sidecar, seconds=clock.seconds)
+
+
+def drop_small_structures(
+    labels: np.ndarray,
+    structures: dict[str, int],
+    voxel_ml: float,
+    smallest_ml: dict[str, float],
+    fraction: float,
+) -> dict[str, str]:
+    """Set to background (in place) each structure painted with less than `fraction` of its smallest
+    training volume; returns {name: why} for those emptied.
+
+    Args:
+        labels: label map (any shape), changed in place.
+        structures: {name: label id}.
+        voxel_ml: volume of one voxel in mL.
+        smallest_ml: {name: smallest volume in training, mL}; structures missing here are kept.
+        fraction: share of the smallest training volume below which a painted structure is noise.
+    """
+    if fraction <= 0 or not smallest_ml:
+        return {}
+    counts = np.bincount(labels.ravel(), minlength=max(structures.values(), default=0) + 1)
+    dropped = {}
+    for name, label in structures.items():
+        painted = float(counts[label]) * voxel_ml
+        floor = fraction * smallest_ml.get(name, 0.0)
+        if 0 < painted < floor:
+            labels[labels == label] = 0
+            dropped[name] = (f"painted {painted:.2f} mL, under {fraction:g} x its smallest volume in training "
+                             f"({smallest_ml[name]:.2f} mL)")  # fmt: skip
+    return dropped
 
 
 def _case_name(path: Path) -> str:

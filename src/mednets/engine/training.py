@@ -51,7 +51,8 @@ def write_preprocessing(
     """Record what the model saw, so prediction can prepare any scan the same way (`preprocessing.json`).
 
     The voxel size the model saw is the training data's spacing (after `data.spacing_mm`), or, for a
-    whole-volume grid model, the median field of view divided by the grid.
+    whole-volume grid model, the median field of view divided by the grid. The smallest volume of each
+    structure in training lets prediction drop structures painted far smaller than any real one.
     """
     volumes = [read_volume(case.images[0]) for case in dataset.training]
     spacings = np.array([config.data.spacing_mm or v.spacing for v in volumes], dtype=float)
@@ -66,6 +67,7 @@ def write_preprocessing(
         "grid": list(grid) if grid else None,
         "patch_size": list(patch_size) if patch_size else None,
         "hu_window": list(config.data.hu_window) if config.data.hu_window else None,
+        "smallest_training_volume_ml": dataset.smallest_volumes_ml(),
     }
     return atomic_write_text(run_dir / "preprocessing.json", json.dumps(record, indent=2))
 
