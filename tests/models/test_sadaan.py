@@ -313,3 +313,17 @@ def test_prior_initialisation_rejects_a_frequency_of_another_grid():
         _tiny().init_from_label_frequency(torch.zeros(3, 8, 8, 8))
     with pytest.raises(ConfigError, match="floor"):
         _tiny().init_from_label_frequency(torch.zeros(3, *GRID), floor=1.0)
+
+
+def test_presence_evidence_feeds_each_classifier_its_painted_volume():
+    plain, evidence = _tiny(), _tiny(presence_evidence=True)
+    extra = sum(p.numel() for p in evidence.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 3 * 64  # one more input to each structure's first 64-unit layer
+    x = torch.randn(2, 1, *GRID)
+    out = evidence.train()(x)
+    assert out["presence_probs"].shape == (2, 3)
+    out["presence_probs"].sum().backward()
+    assert evidence.absence_detector.absence_classifiers[0][0].weight.grad[:, -1].abs().sum() > 0  # evidence used
+    assert evidence.segmentation_head.segmentation_layer.weight.grad is None  # evidence is detached
+    with pytest.raises(InvalidInputError, match="evidence"):
+        evidence.absence_detector(torch.randn(2, 8, 4, 4, 4), torch.rand(2, 3))

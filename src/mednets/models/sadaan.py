@@ -214,16 +214,21 @@ class AbsenceDetectionHead(nn.Module):
         feature_dim: feature channels `F`.
         dropout: dropout after the first layer of each classifier (the seed's public code uses 0.2;
             default 0 keeps the forward pass deterministic in training mode).
+        evidence_inputs: extra per-structure inputs of each classifier (seed: 0; see
+            `SpatialAttentionMedicalSegmenter(presence_evidence=True)`).
     """
 
-    def __init__(self, num_structures: int, feature_dim: int = 128, dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_structures: int, feature_dim: int = 128, dropout: float = 0.0, evidence_inputs: int = 0
+    ) -> None:
         super().__init__()
         self.num_structures = num_structures
+        self.evidence_inputs = evidence_inputs
         hidden, last = _CLASSIFIER_WIDTHS
         self.global_pool = nn.AdaptiveAvgPool3d(1)
         self.absence_classifiers = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(feature_dim + 1, hidden),
+                nn.Linear(feature_dim + 1 + evidence_inputs, hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),
                 nn.Linear(hidden, last),
@@ -239,22 +244,31 @@ class AbsenceDetectionHead(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, features: torch.Tensor, alignment_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, alignment_scores: torch.Tensor, evidence: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Absence logits, presence probabilities and confidence.
 
         Args:
             features: `[B, F, D, H, W]`.
             alignment_scores: `[B, S]`.
+            evidence: `[B, S, evidence_inputs]` more inputs per structure (when `evidence_inputs > 0`).
 
         Returns:
             `absence_logits` `[B, S, 2]` (index 1 = present), `presence_probs` `[B, S]`
             (softmax[..., 1]), `confidence_scores` `[B, S]` in (0, 1).
         """
         pooled = self.global_pool(features).flatten(1)  # [B, F]
-        alignment_scores = alignment_scores.to(pooled.dtype)
+        per_structure = alignment_scores.to(pooled.dtype)[..., None]  # [B, S, 1]
+        if self.evidence_inputs:
+            if evidence is None or tuple(evidence.shape[1:]) != (self.num_structures, self.evidence_inputs):
+                raise InvalidInputError("this head needs its evidence inputs", source="AbsenceDetectionHead",
+                                        expected=f"[B, {self.num_structures}, {self.evidence_inputs}]",
+                                        got=None if evidence is None else tuple(evidence.shape))  # fmt: skip
+            per_structure = torch.cat([per_structure, evidence.to(pooled.dtype)], dim=2)
         absence_logits = torch.stack(
             [
-                classifier(torch.cat([pooled, alignment_scores[:, s : s + 1]], dim=1))
+                classifier(torch.cat([pooled, per_structure[:, s]], dim=1))
                 for s, classifier in enumerate(self.absence_classifiers)
             ],
             dim=1,
@@ -343,6 +357,11 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         norm_kind: normalisation of every 3x3x3 conv layer: "batch" (seed) or "instance" (steadier at
             the small batches a whole-volume model trains with; same parameter count).
         normalise_alignment: see `AnatomicalAttentionModule` (seed: False).
+        presence_evidence: also give each absence classifier the structure's segmentation evidence:
+            the log of its soft painted volume (mean of `segmentation_probs`, before gating) over the
+            mean of its prior probability, detached. Globally pooled features barely change when one
+            organ is missing, and the seed's head learns one constant per organ (seed: False; adds
+            64 weights per structure).
     """
 
     spatial_dims = 3
@@ -361,6 +380,7 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         classifier_dropout: float = 0.0,
         norm_kind: str = "batch",
         normalise_alignment: bool = False,
+        presence_evidence: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_structures < 1:
@@ -378,7 +398,10 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         self.attention_module = AnatomicalAttentionModule(
             feature_channels, num_structures, self.grid_size, norm_kind, normalise_alignment
         )
-        self.absence_detector = AbsenceDetectionHead(num_structures, feature_channels, classifier_dropout)
+        self.presence_evidence = presence_evidence
+        self.absence_detector = AbsenceDetectionHead(
+            num_structures, feature_channels, classifier_dropout, evidence_inputs=int(presence_evidence)
+        )
         self.segmentation_head = SegmentationHead(
             feature_channels, num_structures, replicated=replicated_head, norm_kind=norm_kind
         )
@@ -452,9 +475,14 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         self._check_grid_input(x)
         features = self.encoder(x)  # [B, F, D, H, W]
         attention = self.attention_module(features)  # attention_maps [B, S, D, H, W], alignment_scores [B, S]
-        absence = self.absence_detector(features, attention["alignment_scores"])  # presence_probs [B, S]
         logits = self.segmentation_head(features, attention["attention_maps"])  # [B, S, D, H, W]
         probs = torch.sigmoid(logits)  # [B, S, D, H, W]
+        evidence = None
+        if self.presence_evidence:  # log(soft painted volume / expected volume), [B, S, 1]
+            expected = torch.sigmoid(self.attention_module.position_prior.float()).mean(dim=(2, 3, 4))  # [1, S]
+            painted = probs.detach().float().mean(dim=(2, 3, 4))  # [B, S]
+            evidence = torch.log(painted / expected.clamp_min(1e-6) + 1e-3)[..., None]
+        absence = self.absence_detector(features, attention["alignment_scores"], evidence)  # presence_probs [B, S]
 
         threshold = self._threshold(presence_threshold, absence["presence_probs"])
         present = absence["presence_probs"] >= threshold  # [B, S]
@@ -548,6 +576,7 @@ def sadaan(
     replicated_head: bool = False,
     norm_kind: str = "batch",
     normalise_alignment: bool = False,
+    presence_evidence: bool = False,
 ) -> nn.Module:
     """The seed configuration (`grid_size` is the seed's `spatial_dims` argument)."""
     return SpatialAttentionMedicalSegmenter(
@@ -561,6 +590,7 @@ def sadaan(
         replicated_head=replicated_head,
         norm_kind=norm_kind,
         normalise_alignment=normalise_alignment,
+        presence_evidence=presence_evidence,
     )
 
 
@@ -588,6 +618,7 @@ def sadaan_fast(
     replicated_head: bool = False,
     norm_kind: str = "batch",
     normalise_alignment: bool = False,
+    presence_evidence: bool = False,
 ) -> nn.Module:
     """CPU preset: the seed's architecture, half the encoder width, a quarter of the feature width, a 48³ grid.
 
@@ -608,4 +639,5 @@ def sadaan_fast(
         replicated_head=replicated_head,
         norm_kind=norm_kind,
         normalise_alignment=normalise_alignment,
+        presence_evidence=presence_evidence,
     )
