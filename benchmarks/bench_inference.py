@@ -31,9 +31,7 @@ import argparse
 import copy
 import datetime
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -45,30 +43,9 @@ from mednets.data.phantoms import PhantomConfig, generate_phantom
 from mednets.engine.inference import load_run, predict_volume
 from mednets.engine.sliding_window import sliding_window_logits, window_starts
 from mednets.models import create_model
-from mednets.reports.measure import count_flops, machine_description
+from mednets.reports.measure import conv3d_peaks, count_flops, interleaved_medians, machine_description
 
 HU_WINDOW = (-200.0, 300.0)
-
-
-def _interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turn A B C A B C ... after one warm-up each."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats + 1):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values[1:]) for name, values in times.items()}
-
-
-def bf16_conv_peak(repeats: int) -> float:
-    """GFLOP/s of a large bf16 channels_last_3d conv3d (the machine's practical bf16 peak)."""
-    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
-    x = torch.randn(2, 64, 48, 48, 48).contiguous(memory_format=torch.channels_last_3d)
-    flops = 2 * 64 * 64 * 27 * x[:, 0].numel()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        seconds = _interleaved({"conv": lambda: conv(x)}, repeats)["conv"]
-    return flops / seconds / 1e9
 
 
 def _volume(size: int, hu_window: tuple[float, float]) -> torch.Tensor:
@@ -117,7 +94,7 @@ def _row(
             for _ in range(math.ceil(windows / batch_size)):
                 fast_model(batch)
 
-    times = _interleaved({"monai": monai, "mednets": mednets, "network": network_only}, repeats)
+    times = interleaved_medians({"monai": monai, "mednets": mednets, "network": network_only}, repeats)
     agreement = float((mednets().argmax(0) == monai().argmax(0)).float().mean())
     achieved = flops / times["network"] / 1e9
     return (f"| {label} | {'x'.join(map(str, patch))} | {windows} | {times['monai']:.2f} | {times['mednets']:.2f} "
@@ -151,7 +128,7 @@ def knob_table(run_dir: str, size: int, repeats: int) -> str:
 
         return predict
 
-    times = _interleaved({name: predictor(name, options) for name, options in knobs.items()}, repeats)
+    times = interleaved_medians({name: predictor(name, options) for name, options in knobs.items()}, repeats)
     default = next(iter(knobs))
     lines = [f"`mednets predict` knobs, {run_dir} on a {size}³ phantom at the run's spacing; median of {repeats}\n",
              "| knob | seconds | time vs default | voxels labelled as by the default |", "|---|---|---|---|"]  # fmt: skip
@@ -173,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     items = args.run + args.model or ["lhanet_lightweight", "dynunet"]
-    peak = bf16_conv_peak(args.repeats)
+    peak = conv3d_peaks(args.repeats)["bf16 + CL"]
     print(f"# Sliding-window inference over 1x1x{args.size}³, overlap 0.5, gaussian, {datetime.date.today()}\n")
     print(machine_description() + "\n")
     print("`" + " ".join([".venv/bin/python", *sys.argv]) + "`; median of", args.repeats, "interleaved passes\n")

@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,43 +40,18 @@ import torch
 from mednets.atomic import atomic_write_text
 from mednets.models import create_model, get_model_spec, list_models
 from mednets.models.base import memory_format_for
-from mednets.reports.measure import count_flops, machine_description, run_measured
+from mednets.reports.measure import (
+    conv3d_peaks,
+    count_flops,
+    interleaved_medians,
+    machine_description,
+    run_measured,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
 VARIANTS = ("fp32", "bf16 + CL")
 BATCH = 2  # batch norm in training mode needs more than one value per channel (SADAAn pools to 1 voxel)
-
-
-def conv_peaks(repeats: int) -> dict[str, float]:
-    """GFLOP/s of a large conv3d in fp32 (default layout) and in bf16 channels_last_3d."""
-    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False)
-    x = torch.randn(2, 64, 48, 48, 48)
-    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last_3d)
-    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
-    flops = 2 * 64 * 64 * 27 * x[:, 0].numel()
-
-    def fp32() -> None:
-        with torch.no_grad():
-            conv(x)
-
-    def bf16() -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            conv_cl(x_cl)
-
-    times = interleaved({"fp32": fp32, "bf16 + CL": bf16}, repeats)
-    return {name: flops / seconds / 1e9 for name, seconds in times.items()}
-
-
-def interleaved(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, called in turn (A B C A B C ...) after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats + 1):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
 def _surrogate_loss(outputs: Any) -> torch.Tensor:
@@ -145,7 +117,7 @@ def bench_model(name: str, tiny: bool, repeats: int, peaks: dict[str, float]) ->
     for variant, (model, inputs) in zip(VARIANTS, ((model_fp32, x), (model_fast, x_fast)), strict=True):
         for kind, fn in _passes(model, inputs, fast=variant != "fp32").items():
             functions[(variant, kind)] = fn
-    times = interleaved(functions, repeats)  # type: ignore[arg-type]
+    times = interleaved_medians(functions, repeats)  # type: ignore[arg-type]
     size = "x".join(map(str, x.shape))
     rows = []
     for variant in VARIANTS:
@@ -169,7 +141,7 @@ def bench_model(name: str, tiny: bool, repeats: int, peaks: dict[str, float]) ->
 
 
 def table(models: list[str], tiny: bool, repeats: int) -> str:
-    peaks = conv_peaks(repeats)
+    peaks = conv3d_peaks(repeats)
     command = " ".join([".venv/bin/python", "benchmarks/run_all.py", *sys.argv[1:]])
     lines = [
         f"Measured {datetime.date.today()} on {machine_description()}; `{command}`; "
@@ -201,7 +173,7 @@ def checkpointing_table(models: list[str], tiny: bool, repeats: int) -> str:
         for fast, checkpointing in variants:
             model, x = _build(name, tiny, fast, checkpointing)
             functions[(fast, checkpointing)] = _passes(model, x, fast)["training step"]
-        times = interleaved(functions, repeats)  # type: ignore[arg-type]
+        times = interleaved_medians(functions, repeats)  # type: ignore[arg-type]
         memory = {
             (fast, ckpt): run_measured(measured_pass, name, tiny, fast, "training step", ckpt).peak_mb
             for fast, ckpt in variants

@@ -7,7 +7,7 @@ Steps (`predict_volume`):
 3. whole-volume models (SADAAn): resample to the voxel size the model saw and centre-pad/crop to its
    grid (air outside the scan); patch models: resample to the training spacing and run gaussian-blended
    sliding windows (`engine.sliding_window`: batched bf16 windows in channels_last_3d);
-4. map scores back to the input grid class by class, taking the argmax as it goes (never all
+4. map scores back to the input grid slab by slab, taking the argmax as it goes (never all
    classes at full resolution in float), keep labels uint8;
 5. undo the reorientation and write the input's affine.
 
@@ -275,8 +275,9 @@ def predict_volume(
     voxel_ml = volume.voxel_volume_ml()
     dropped = drop_small_structures(labels, run.structures, voxel_ml,
                                     prep.get("smallest_training_volume_ml", {}), min_volume_fraction)  # fmt: skip
+    counts = np.bincount(labels.ravel(), minlength=int(label_ids.max()) + 1)  # voxels per label, one pass
     for index, (name, label) in enumerate(run.structures.items()):
-        volume_ml = float((labels == label).sum()) * voxel_ml
+        volume_ml = float(counts[label]) * voxel_ml
         if presence is not None:
             entry = {"present": bool(present[index]), "probability": float(presence[index]),
                      "confidence": float(confidence[index]), "volume_ml": volume_ml}  # fmt: skip

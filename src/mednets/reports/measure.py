@@ -9,6 +9,7 @@ reports back. On CUDA, it is `torch.cuda.max_memory_allocated` around the functi
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing
 import os
 import statistics
@@ -21,7 +22,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Measured", "run_measured", "median_time", "count_flops", "machine_description"]
+__all__ = [
+    "Measured",
+    "run_measured",
+    "median_time",
+    "interleaved_medians",
+    "conv3d_peaks",
+    "count_flops",
+    "machine_description",
+]
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,39 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(functions: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
+    """Median seconds of each function, called in turn (A B C A B C ...) after one warm-up round, so
+    slow drifts of the machine (heat, other load) hit every function alike."""
+    times: dict[Any, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats + 1):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
+
+
+def conv3d_peaks(repeats: int) -> dict[str, float]:
+    """The machine's practical convolution peaks in GFLOP/s: a 64->64 channel 3x3x3 conv3d on
+    [2, 64, 48, 48, 48], `"fp32"` in the default layout and `"bf16 + CL"` in bf16 channels_last_3d."""
+    conv = nn.Conv3d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(2, 64, 48, 48, 48)
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last_3d)
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    flops = 2 * 64 * 64 * 27 * x[:, 0].numel()
+
+    def fp32() -> None:
+        with torch.no_grad():
+            conv(x)
+
+    def bf16() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            conv_cl(x_cl)
+
+    times = interleaved_medians({"fp32": fp32, "bf16 + CL": bf16}, repeats)
+    return {name: flops / seconds / 1e9 for name, seconds in times.items()}
 
 
 def count_flops(module: nn.Module, *inputs: Any) -> int:
