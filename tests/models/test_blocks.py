@@ -1,4 +1,5 @@
-"""Dimension-generic blocks: the bf16 Conv3d workaround, instance norm that keeps channels_last."""
+"""Dimension-generic blocks: the bf16 Conv3d workaround, instance norm that keeps channels_last,
+pooling in the input's precision under CPU autocast."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from mednets.models import create_model
-from mednets.models.blocks import InstanceNorm, conv, instance_norms_as_group_norms
+from mednets.models.blocks import InstanceNorm, conv, global_average_pool, instance_norms_as_group_norms, max_pool
 
 
 @pytest.mark.parametrize("depth", [2, 3])
@@ -60,3 +61,37 @@ def test_instance_norms_of_a_monai_network_are_swapped_with_their_weights() -> N
     assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in swapped.modules())
     torch.testing.assert_close(swapped(x), expected, rtol=1e-5, atol=1e-5)
     assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in create_model("dynunet").modules())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_max_pool_stays_in_bf16_under_cpu_autocast_and_is_exact(spatial_dims: int) -> None:
+    # CPU autocast would run max pooling in float32 (a float32 copy of the input, kept for backward).
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims]
+    x = torch.randn(2, 8, *[6] * spatial_dims).bfloat16().contiguous(memory_format=layout).requires_grad_()
+    pool = max_pool(spatial_dims, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = pool(x)
+    assert pooled.dtype == torch.bfloat16
+    assert pooled.is_contiguous(memory_format=layout)
+    reference = pool(x.detach().float())  # no autocast: the plain float32 kernel
+    assert torch.equal(pooled.float(), reference)
+    pooled.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.float().sum().item() == reference.numel()
+
+
+def test_global_average_pool_equals_the_mean_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 5, dtype=torch.float64)
+    (global_average_pool(x) * weights).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    (x.mean(dim=(2, 3, 4)) * weights).sum().backward()
+    assert torch.allclose(global_average_pool(x), x.mean(dim=(2, 3, 4)), atol=1e-12)
+    assert torch.allclose(ours, x.grad, atol=1e-12)
+    # bf16 under CPU autocast: a bf16 result within bf16 rounding of the float32 mean
+    features = torch.rand(2, 4, 32, 32, 32) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = global_average_pool(features.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), features.bfloat16().float().mean(dim=(2, 3, 4)), rtol=4e-3)

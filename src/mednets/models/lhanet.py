@@ -47,8 +47,10 @@ from mednets.models.blocks import (
     ResidualBlock,
     activation,
     conv,
+    global_average_pool,
     max_pool,
     norm,
+    without_cpu_autocast,
 )
 from mednets.models.registry import register_model
 
@@ -219,7 +221,7 @@ class ScaleGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, C, *S]` -> scale weights `[B, num_scales]`, summing to 1 per sample."""
-        pooled = x.mean(dim=tuple(range(2, x.ndim)))  # [B, C]
+        pooled = global_average_pool(x)  # [B, C]
         return torch.softmax(self.fc2(self.act(self.fc1(pooled))), dim=1)
 
 
@@ -254,7 +256,7 @@ class ReceptiveFieldBranch(nn.Module):
             return self.act(self.conv(x))
         pooled_size = [-(-n // self.rate) for n in x.shape[2:]]  # ceil: a 1-voxel map stays 1 voxel
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[x.ndim - 2]
-        return resize(self.act(self.conv(pool(x, pooled_size))), x.shape[2:])
+        return resize(self.act(self.conv(without_cpu_autocast(pool, x, pooled_size))), x.shape[2:])
 
 
 class OrganSizePaths(nn.Module):

@@ -39,7 +39,7 @@ from torch import nn
 
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.models.base import MednetsModel, check_input
-from mednets.models.blocks import DoubleConv, conv, conv_transpose, max_pool, norm
+from mednets.models.blocks import DoubleConv, conv, conv_transpose, global_average_pool, max_pool, norm
 from mednets.models.registry import register_model
 
 __all__ = [
@@ -225,7 +225,6 @@ class AbsenceDetectionHead(nn.Module):
         self.num_structures = num_structures
         self.evidence_inputs = evidence_inputs
         hidden, last = _CLASSIFIER_WIDTHS
-        self.global_pool = nn.AdaptiveAvgPool3d(1)
         self.absence_classifiers = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(feature_dim + 1 + evidence_inputs, hidden),
@@ -258,7 +257,7 @@ class AbsenceDetectionHead(nn.Module):
             `absence_logits` `[B, S, 2]` (index 1 = present), `presence_probs` `[B, S]`
             (softmax[..., 1]), `confidence_scores` `[B, S]` in (0, 1).
         """
-        pooled = self.global_pool(features).flatten(1)  # [B, F]
+        pooled = global_average_pool(features)  # [B, F]
         per_structure = alignment_scores.to(pooled.dtype)[..., None]  # [B, S, 1]
         if self.evidence_inputs:
             if evidence is None or tuple(evidence.shape[1:]) != (self.num_structures, self.evidence_inputs):
