@@ -38,6 +38,17 @@ def _frozen_norm_statistics(block: nn.Module) -> Iterator[None]:
                 norm.num_batches_tracked.copy_(tracked)
 
 
+def _recomputed(norms_of: nn.Module, function: Callable[..., Any], *inputs: Any) -> Any:
+    """`function(*inputs)` checkpointed: recomputed in the backward pass with the batch-norm running
+    statistics of `norms_of` frozen during the recomputation."""
+    return checkpoint(
+        function,
+        *inputs,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(norms_of)),
+    )
+
+
 def memory_format_for(spatial_dims: int) -> torch.memory_format:
     """`channels_last` for 2D models, `channels_last_3d` for 3D ones."""
     return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
@@ -86,13 +97,31 @@ class MednetsModel(nn.Module):
     def run_block(self, block: Callable[..., Any], *inputs: Any) -> Any:
         """Call `block(*inputs)`, checkpointed when the switch is on and autograd is recording."""
         if self.gradient_checkpointing and torch.is_grad_enabled() and isinstance(block, nn.Module):
-            return checkpoint(
-                block,
-                *inputs,
-                use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(block)),
-            )
+            return _recomputed(block, block, *inputs)
         return block(*inputs)
+
+    def run_cheap_tail(
+        self,
+        block: nn.Sequential,
+        x: torch.Tensor,
+        tail_start: int,
+        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`then(block(x))`, storing for backward none of the activations of the cheap tail `block[tail_start:]` + `then`.
+
+        For full-resolution branches that end in normalisation, activation and a 1x1(x1) projection:
+        that tail costs little to run again in the backward pass, while its stored activations are
+        full-size maps (SADAAn's attention, feature-matching and segmentation branches: 0.26 GB of a
+        bf16 training step at the seed's size). Only the tail's input is kept, which the normalisation
+        layer keeps anyway. Running statistics are updated once. With the checkpointing switch on, the
+        whole block is checkpointed instead.
+        """
+        then = then if then is not None else (lambda y: y)
+        if self.gradient_checkpointing or not torch.is_grad_enabled():
+            return then(self.run_block(block, x))
+        layers = list(block)  # plain Sequentials: slicing a subclass would call its own __init__
+        head, tail = nn.Sequential(*layers[:tail_start]), nn.Sequential(*layers[tail_start:])
+        return _recomputed(tail, lambda y: then(tail(y)), head(x))
 
     def to_channels_last(self) -> MednetsModel:
         """Move parameters to `channels_last` (2D) or `channels_last_3d` (3D) in place."""

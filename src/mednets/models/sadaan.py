@@ -186,11 +186,11 @@ class AnatomicalAttentionModule(MednetsModel):
             an expanded view: no copy per sample).
         """
         batch = features.shape[0]
-        attention = self.run_block(self.attention_conv, features)  # [B, S, D, H, W]
+        attention = self.run_cheap_tail(self.attention_conv, features, tail_start=1)  # [B, S, D, H, W]
         position_priors = self.position_prior.expand(batch, -1, -1, -1, -1)  # [B, S, D, H, W]
         prior_probs = torch.sigmoid(self.position_prior)  # [1, S, D, H, W]
         attention_maps = attention * prior_probs  # [B, S, D, H, W]
-        feature_responses = self.run_block(self.feature_matcher, features)  # [B, S, D, H, W]
+        feature_responses = self.run_cheap_tail(self.feature_matcher, features, tail_start=1)  # [B, S, D, H, W]
         alignment_scores = (attention_maps * torch.sigmoid(feature_responses)).mean(dim=(2, 3, 4))  # [B, S]
         if self.normalise_alignment:  # the share of the prior's expected extent that is found: ~1 present, ~0 absent
             alignment_scores = alignment_scores / prior_probs.mean(dim=(2, 3, 4)).clamp_min(1e-6)
@@ -319,11 +319,13 @@ class SegmentationHead(MednetsModel):
         Returns:
             `[B, S, D, H, W]` logits.
         """
-        refined = self.run_block(self.feature_refine, features)  # [B, F/2, D, H, W]
         if self.replicated:
-            return self._replicated_logits(refined, attention_maps)
+            return self._replicated_logits(self.run_block(self.feature_refine, features), attention_maps)
         layer = self.segmentation_layer
-        unbiased = F.conv3d(refined, layer.weight)  # [B, S, D, H, W]: W_s . f
+        # the second norm-activation and W_s . f are recomputed in backward: the refined map is not stored
+        unbiased = self.run_cheap_tail(
+            self.feature_refine, features, tail_start=4, then=lambda refined: F.conv3d(refined, layer.weight)
+        )  # [B, S, D, H, W]: W_s . f
         return attention_maps * unbiased + layer.bias.view(1, -1, 1, 1, 1)  # a_s * (W_s . f) + b_s
 
     def _replicated_logits(self, refined: torch.Tensor, attention_maps: torch.Tensor) -> torch.Tensor:
