@@ -50,7 +50,6 @@ from mednets.models.blocks import (
     global_average_pool,
     max_pool,
     norm,
-    without_cpu_autocast,
 )
 from mednets.models.registry import register_model
 
@@ -256,7 +255,7 @@ class ReceptiveFieldBranch(nn.Module):
             return self.act(self.conv(x))
         pooled_size = [-(-n // self.rate) for n in x.shape[2:]]  # ceil: a 1-voxel map stays 1 voxel
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[x.ndim - 2]
-        return resize(self.act(self.conv(without_cpu_autocast(pool, x, pooled_size))), x.shape[2:])
+        return resize(self.act(self.conv(pool(x, pooled_size))), x.shape[2:])
 
 
 class OrganSizePaths(nn.Module):

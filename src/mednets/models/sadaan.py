@@ -602,7 +602,7 @@ def sadaan(
     in_channels=1,
     out_channels=13,
     input_size=(48, 48, 48),
-    description="SADAAn CPU preset: 13 organs, 48³ grid, 8-128 channel encoder, 32 features; bf16 train step 0.58 s",
+    description="SADAAn CPU preset: 13 organs, 48³ grid, 8-128 channel encoder, 32 features; bf16 train step 0.39 s",
     param_count=2_973_678,
     tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
     tiny_input_size=(16, 16, 16),
@@ -625,9 +625,9 @@ def sadaan_fast(
 
     The 13 organs of BTCV. 2,973,678 parameters (1,437,696 of them the position prior). Chosen so
     that a bf16 + `channels_last_3d` training step (forward, `SpatialAttentionLoss`, backward, Adam)
-    at batch 2 takes under 1.5 s on the 2-core AMX development CPU: measured 0.58 s (median of 6
-    steps after a warm-up, CPU otherwise idle; 3.5 s in `benchmarks/bench_sadaan.py` while other
-    jobs shared the 2 cores). Forward (eval, no gradients): 0.19 s, 154 MB peak.
+    at batch 2 takes under 1.5 s on the 2-core development CPU (AVX-512 BF16, no AMX): measured
+    0.39 s and 517 MB peak (`benchmarks/bench_sadaan.py`, median of 3 steps after a warm-up, CPU
+    otherwise idle). Forward (eval, no gradients): 0.12 s, 157 MB peak.
     """
     return SpatialAttentionMedicalSegmenter(
         in_channels,
