@@ -77,6 +77,9 @@ class DataConfig:
         spacing_mm: resample to this spacing first; None keeps the data's spacing.
         min_voxels: a structure with fewer voxels counts as absent.
         augment: random flips (where anatomy allows), small rotations/scalings, intensity shifts.
+        organ_removal_prob: probability that a training case loses one of `organ_removal`, erased
+            from image and labels as if removed by surgery (`RandOrganRemovald`; 0 disables it).
+        organ_removal: structure names that may be erased.
         num_workers: data-loader worker processes.
         tile_size: tile size of 2D tasks.
         noise: noise of denoising tasks: "seed" (the seed's mixture) or a list of stages, e.g.
@@ -94,6 +97,8 @@ class DataConfig:
     spacing_mm: tuple[float, ...] | None = None
     min_voxels: int = 10
     augment: bool = True
+    organ_removal_prob: float = 0.0
+    organ_removal: tuple[str, ...] = ("left_kidney", "right_kidney", "spleen", "gallbladder")
     num_workers: int = 0
     tile_size: int = 128
     noise: str | tuple[dict[str, Any], ...] = "seed"

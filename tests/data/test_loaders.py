@@ -1,14 +1,16 @@
-"""The training-data helpers of `mednets.data.loaders`: the label-frequency atlas on the model grid."""
+"""The training-data helpers of `mednets.data.loaders`: the label-frequency atlas on the model grid, organ removal."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mednets.data.dataset import load_dataset
 from mednets.data.io import read_volume
 from mednets.data.loaders import label_frequency_atlas, segmentation_datasets
 from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
+from mednets.errors import ConfigError
 
 
 def test_label_frequency_atlas_is_the_share_of_cases_with_each_structure_per_voxel(tmp_path):
@@ -28,3 +30,19 @@ def test_label_frequency_atlas_is_the_share_of_cases_with_each_structure_per_vox
     smoothed = label_frequency_atlas(train_set, len(dataset.labels), grid=grid, hu_window=(-175, 250), spacing_mm=None)
     assert float(smoothed.min()) >= 0 and float(smoothed.max()) <= 1
     assert abs(float(smoothed.sum()) - float(atlas.sum())) / float(atlas.sum()) < 0.01  # smoothing moves, not adds
+
+
+def test_organ_removal_erases_an_organ_from_training_cases_only_and_checks_names(phantom_dataset):
+    dataset = load_dataset(phantom_dataset)
+    common = dict(grid=(32, 32, 32), patch_size=None, hu_window=(-175, 250), spacing_mm=None, val_fraction=0.34,
+                  split_seed=0, augment=True, seed=0)  # fmt: skip
+    train_set, val_set = segmentation_datasets(dataset, **common, organ_removal=("spleen",), organ_removal_prob=1.0)
+    spleen = dataset.labels["spleen"]
+    for sample in train_set:  # every training case has lost its spleen: labels and presence agree
+        assert not (sample["label"] == spleen).any()
+        assert not bool(sample["presence"][spleen - 1])
+        assert bool(sample["presence"][dataset.labels["liver"] - 1])
+    assert all((sample["label"] == spleen).any() for sample in val_set)  # validation is never altered
+    with pytest.raises(ConfigError, match="unknown structure to remove") as caught:
+        segmentation_datasets(dataset, **common, organ_removal=("appendix",), organ_removal_prob=0.5)
+    assert "data.organ_removal" in str(caught.value) and "appendix" in str(caught.value)

@@ -14,6 +14,7 @@ from mednets.data.transforms import (
     GridResize,
     LoadVolumed,
     PresenceAwareCropd,
+    RandOrganRemovald,
     allowed_flip_axes,
     augmentation,
     ct_normalisation,
@@ -141,3 +142,43 @@ def test_full_pipeline_on_phantoms(phantom_dataset: Path) -> None:
     assert tuple(augmented["label"].shape) == (1, 16, 16, 16)
     with pytest.raises(ConfigError):
         ct_segmentation_pipeline(grid=(16, 16, 16), patch_size=(8, 8, 8))
+
+
+def _two_organ_record() -> dict:
+    generator = torch.Generator().manual_seed(0)
+    image = 0.3 + 0.02 * torch.randn(1, 12, 12, 12, generator=generator)  # background tissue ~0.3
+    label = torch.zeros(1, 12, 12, 12, dtype=torch.int64)
+    label[0, 2:6, 2:6, 2:6] = 1
+    label[0, 7:10, 7:10, 7:10] = 2
+    image[label == 1] = 0.8
+    image[label == 2] = 0.6
+    return {"image": image, "label": label, "presence": np.array([1.0, 1.0, 0.0])}
+
+
+def test_organ_removal_fills_the_bed_with_surrounding_tissue_and_updates_presence() -> None:
+    record = _two_organ_record()
+    removal = RandOrganRemovald("image", "label", organ_ids=[1], prob=1.0, margin=2)
+    removal.set_random_state(seed=0)
+    out = removal(record)
+    bed = record["label"] == 1
+    assert not (out["label"] == 1).any() and torch.equal(out["label"][~bed], record["label"][~bed])
+    assert abs(float(out["image"][bed].mean()) - 0.3) < 0.01  # the shell's median, not the organ's 0.8
+    assert 0.01 < float(out["image"][bed].std()) < 0.03  # and the shell's spread (0.02)
+    assert torch.equal(out["image"][~bed], record["image"][~bed])
+    assert out["presence"].tolist() == [0.0, 1.0, 0.0]
+    assert (record["label"] == 1).any() and record["presence"][0] == 1.0  # the input record is not modified
+    again = RandOrganRemovald("image", "label", organ_ids=[1], prob=1.0, margin=2)
+    again.set_random_state(seed=0)
+    assert torch.equal(again(record)["image"], out["image"])  # seeded: reproducible
+
+
+def test_organ_removal_leaves_cases_alone_when_not_drawn_or_nothing_to_remove() -> None:
+    record = _two_organ_record()
+    for removal in (
+        RandOrganRemovald("image", "label", organ_ids=[1, 2], prob=0.0),
+        RandOrganRemovald("image", "label", organ_ids=[3], prob=1.0),  # organ 3 is not in this case
+    ):
+        out = removal(record)
+        assert torch.equal(out["image"], record["image"]) and torch.equal(out["label"], record["label"])
+    with pytest.raises(ConfigError):
+        RandOrganRemovald("image", "label", organ_ids=[1], prob=1.5)

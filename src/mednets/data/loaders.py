@@ -23,6 +23,7 @@ from mednets.data.dataset import split_cases
 from mednets.data.io import read_volume
 from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
 from mednets.data.transforms import ct_segmentation_pipeline, location_prior
+from mednets.errors import ConfigError
 
 __all__ = ["SeededCacheDataset", "ensure_phantom_datasets", "label_frequency_atlas", "segmentation_datasets"]
 
@@ -90,6 +91,8 @@ def segmentation_datasets(
     split_seed: int,
     augment: bool,
     seed: int,
+    organ_removal: Sequence[str] = (),
+    organ_removal_prob: float = 0.0,
 ) -> tuple[SeededCacheDataset, SeededCacheDataset]:
     """Training and validation datasets of a dataset folder for a 3D segmenter.
 
@@ -104,14 +107,25 @@ def segmentation_datasets(
         split_seed: seed of the split.
         augment: random augmentation for training.
         seed: base seed of the random transforms.
+        organ_removal: structure names a training case may lose (`RandOrganRemovald`).
+        organ_removal_prob: probability that a training case loses one of them.
+
+    Raises:
+        ConfigError: a name in `organ_removal` is not one of the dataset's structures.
     """
+    unknown = sorted(set(organ_removal) - set(dataset.structures)) if organ_removal_prob > 0 else []
+    if unknown:
+        raise ConfigError("unknown structure to remove", source="data.organ_removal", got=unknown,
+                          expected=f"names from {dataset.structures}")  # fmt: skip
     train_ids, val_ids = split_cases([c.case_id for c in dataset.training], val_fraction=val_fraction, seed=split_seed)
     prior = None
     if patch_size is not None:
         prior = location_prior([read_volume(dataset.case(c).label).array for c in train_ids], dataset.labels)
     common = dict(hu_window=hu_window, spacing_mm=spacing_mm, grid=grid, num_classes=len(dataset.labels),
                   label_names=dataset.structures)  # fmt: skip
-    train_pipeline = ct_segmentation_pipeline(**common, patch_size=patch_size, prior=prior, augment=augment)
+    removable = [dataset.labels[name] for name in organ_removal] if organ_removal_prob > 0 else []
+    train_pipeline = ct_segmentation_pipeline(**common, patch_size=patch_size, prior=prior, augment=augment,
+                                              remove_organ_ids=removable, remove_organ_prob=organ_removal_prob)  # fmt: skip
     val_pipeline = ct_segmentation_pipeline(**common, augment=False)
     return (
         SeededCacheDataset(dataset.records(train_ids), train_pipeline, seed),

@@ -42,6 +42,7 @@ __all__ = [
     "GridResize",
     "LoadVolumed",
     "PresenceAwareCropd",
+    "RandOrganRemovald",
     "allowed_flip_axes",
     "augmentation",
     "ct_normalisation",
@@ -324,6 +325,76 @@ class PresenceAwareCropd(Randomizable, MapTransform):
         return out
 
 
+class RandOrganRemovald(Randomizable, MapTransform):
+    """Erase one present organ from a training case, as if removed: more absent examples to learn from.
+
+    Absent organs are rare in training data (a few nephrectomies or splenectomies among many cases),
+    too few for a presence head to learn. With probability `prob` the case loses one of `organ_ids`
+    that it contains: the organ's voxels become background in the label and its presence entry
+    becomes 0, and in the image they take the median intensity of a shell of `margin` voxels of
+    background around it, plus gaussian noise of that shell's spread (surrounding tissue filling the
+    bed, as after surgery). Records: image `[C, *S]`, label `[1, *S]`, presence `[K]` (ids 1..K).
+
+    Args:
+        image_key: the image key.
+        label_key: the label map key.
+        organ_ids: label ids that may be removed.
+        prob: probability that a case loses an organ.
+        margin: shell thickness in voxels.
+        presence_key: key of the presence vector (updated when the record has one).
+    """
+
+    def __init__(
+        self,
+        image_key: str,
+        label_key: str,
+        organ_ids: Sequence[int],
+        prob: float = 0.2,
+        *,
+        margin: int = 2,
+        presence_key: str = "presence",
+    ) -> None:
+        MapTransform.__init__(self, [image_key, label_key])
+        if not 0.0 <= prob <= 1.0 or margin < 1:
+            raise ConfigError("organ removal needs 0 <= prob <= 1 and margin >= 1", source="RandOrganRemovald",
+                              got={"prob": prob, "margin": margin})  # fmt: skip
+        self.image_key, self.label_key, self.presence_key = image_key, label_key, presence_key
+        self.organ_ids = [int(i) for i in organ_ids]
+        self.prob = float(prob)
+        self.margin = int(margin)
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        record = dict(data)
+        if not self.organ_ids or self.R.random() >= self.prob:
+            return record
+        label = torch.as_tensor(record[self.label_key])  # [1, *S]
+        present = [i for i in self.organ_ids if bool((label == i).any())]
+        if not present:
+            return record
+        organ = present[int(self.R.randint(len(present)))]
+        organ_mask = label[0] == organ  # [*S]
+        pool = {2: F.max_pool2d, 3: F.max_pool3d}[organ_mask.ndim]
+        grown = pool(organ_mask[None, None].float(), 2 * self.margin + 1, stride=1, padding=self.margin)[0, 0] > 0
+        shell = grown & ~organ_mask & (label[0] == 0)
+        surround = shell if bool(shell.any()) else ~organ_mask
+        image = torch.as_tensor(record[self.image_key]).clone()  # [C, *S]
+        for channel in image:  # views: filled in place
+            values = channel[surround].float()
+            noise = torch.as_tensor(self.R.normal(0.0, 1.0, int(organ_mask.sum())), dtype=torch.float32)
+            channel[organ_mask] = (values.median() + noise * values.std(unbiased=False)).to(channel.dtype)
+        new_label = label.clone()
+        new_label[0][organ_mask] = 0
+        record[self.image_key], record[self.label_key] = image, new_label
+        if self.presence_key in record:
+            presence = np.array(record[self.presence_key], copy=True)
+            presence[organ - 1] = 0
+            record[self.presence_key] = presence
+        return record
+
+
 def allowed_flip_axes(label_names: Sequence[str] | None = None, spatial_dims: int = 3) -> list[int]:
     """Spatial axes that may be flipped without producing anatomy that does not exist.
 
@@ -381,6 +452,8 @@ def ct_segmentation_pipeline(
     augment: bool = True,
     label_names: Sequence[str] | None = None,
     load: bool = True,
+    remove_organ_ids: Sequence[int] = (),
+    remove_organ_prob: float = 0.0,
 ) -> Compose:
     """The CT training pipeline: load, window, optional resampling, grid resize or patch sampling, augmentation.
 
@@ -394,6 +467,8 @@ def ct_segmentation_pipeline(
         augment: add `augmentation` with the flips `allowed_flip_axes` permits for `label_names`.
         label_names: foreground class names (default: the 13 organs).
         load: start with `LoadVolumed` (records hold paths) instead of arrays.
+        remove_organ_ids: label ids `RandOrganRemovald` may erase (with `augment` only).
+        remove_organ_prob: probability that a case loses one of them.
     """
     if grid is not None and patch_size is not None:
         raise ConfigError(
@@ -416,6 +491,8 @@ def ct_segmentation_pipeline(
                 allow_missing_keys=True,
             )
         )
+    if augment and remove_organ_prob > 0 and remove_organ_ids:
+        transforms.append(RandOrganRemovald("image", "label", remove_organ_ids, remove_organ_prob))
     if patch_size is not None:
         transforms.append(PresenceAwareCropd(["image", "label"], "label", patch_size, prior or {}, num_classes))
     if augment:

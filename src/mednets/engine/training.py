@@ -132,6 +132,8 @@ def run_training(
         split_seed=config.data.split_seed,
         augment=config.data.augment,
         seed=config.train.seed,
+        organ_removal=config.data.organ_removal,
+        organ_removal_prob=config.data.organ_removal_prob,
     )
     if config.model.init_from_data:
         if not hasattr(model, "init_from_label_frequency"):
