@@ -273,9 +273,9 @@ def predict_volume(
     label_ids = np.asarray([0, *structure_ids], dtype=np.uint8)
     labels = label_ids[labels]  # channel index -> label id
     voxel_ml = volume.voxel_volume_ml()
-    dropped = drop_small_structures(labels, run.structures, voxel_ml,
-                                    prep.get("smallest_training_volume_ml", {}), min_volume_fraction)  # fmt: skip
     counts = np.bincount(labels.ravel(), minlength=int(label_ids.max()) + 1)  # voxels per label, one pass
+    dropped = drop_small_structures(labels, run.structures, voxel_ml, prep.get("smallest_training_volume_ml", {}),
+                                    min_volume_fraction, counts=counts)  # fmt: skip
     for index, (name, label) in enumerate(run.structures.items()):
         volume_ml = float(counts[label]) * voxel_ml
         if presence is not None:
@@ -301,6 +301,8 @@ def drop_small_structures(
     voxel_ml: float,
     smallest_ml: dict[str, float],
     fraction: float,
+    *,
+    counts: np.ndarray | None = None,
 ) -> dict[str, str]:
     """Set to background (in place) each structure painted with less than `fraction` of its smallest
     training volume; returns {name: why} for those emptied.
@@ -311,16 +313,20 @@ def drop_small_structures(
         voxel_ml: volume of one voxel in mL.
         smallest_ml: {name: smallest volume in training, mL}; structures missing here are kept.
         fraction: share of the smallest training volume below which a painted structure is noise.
+        counts: voxels per label id (`np.bincount(labels.ravel())`) when the caller has them, so the
+            label map is not counted twice; the entries of emptied structures are set to 0.
     """
     if fraction <= 0 or not smallest_ml:
         return {}
-    counts = np.bincount(labels.ravel(), minlength=max(structures.values(), default=0) + 1)
+    if counts is None:
+        counts = np.bincount(labels.ravel(), minlength=max(structures.values(), default=0) + 1)
     dropped = {}
     for name, label in structures.items():
         painted = float(counts[label]) * voxel_ml
         floor = fraction * smallest_ml.get(name, 0.0)
         if 0 < painted < floor:
             labels[labels == label] = 0
+            counts[label] = 0
             dropped[name] = (f"painted {painted:.2f} mL, under {fraction:g} x its smallest volume in training "
                              f"({smallest_ml[name]:.2f} mL)")  # fmt: skip
     return dropped
