@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mednets.errors import InvalidInputError
 from mednets.metrics import (
     expected_calibration_error,
     mean_defined,
@@ -82,6 +83,16 @@ def test_presence_metrics_on_a_known_case() -> None:
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     assert metrics["f1"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
     assert metrics["auroc"] == pytest.approx(5 / 6)  # 5 of the 6 (positive, negative) pairs are ranked right
+
+
+def test_presence_metrics_score_given_decisions_and_rank_probabilities() -> None:
+    probabilities = [0.9, 0.8, 0.3, 0.6, 0.1]
+    targets = [True, True, True, False, False]
+    metrics = presence_metrics(probabilities, targets, decisions=[True, True, True, False, False])
+    assert metrics["accuracy"] == pytest.approx(1.0) and metrics["f1"] == pytest.approx(1.0)
+    assert metrics["auroc"] == pytest.approx(5 / 6)  # still from the probabilities
+    with pytest.raises(InvalidInputError, match="differ in length"):
+        presence_metrics(probabilities, targets, decisions=[True])
 
 
 def test_auroc_is_none_with_one_class_and_ece_is_zero_when_calibrated() -> None:

@@ -168,17 +168,23 @@ def _auroc(probabilities: np.ndarray, targets: np.ndarray) -> float | None:
 
 
 def presence_metrics(
-    probabilities: Sequence[float], targets: Sequence[bool], threshold: float = 0.5
+    probabilities: Sequence[float],
+    targets: Sequence[bool],
+    threshold: float = 0.5,
+    decisions: Sequence[bool] | None = None,
 ) -> dict[str, float | None]:
     """Accuracy, precision, recall and F1 of "present", AUROC and ECE of presence probabilities.
 
+    The decisions are `probabilities >= threshold` unless given: a predictor's own calls (its
+    per-structure thresholds, a structure emptied for being too small) are what accuracy must score.
     Values that are undefined for the data (F1 with no positives at all, AUROC with one class) are None.
     """
     p = np.asarray(probabilities, dtype=float)
     y = np.asarray(targets, dtype=bool)
-    if p.shape != y.shape:
-        raise InvalidInputError("probabilities and targets differ in length", source="presence", got=(p.shape, y.shape))
-    predicted = p >= threshold
+    predicted = p >= threshold if decisions is None else np.asarray(decisions, dtype=bool)
+    if p.shape != y.shape or predicted.shape != y.shape:
+        raise InvalidInputError("probabilities, decisions and targets differ in length", source="presence",
+                                got=(p.shape, predicted.shape, y.shape))  # fmt: skip
     true_positive = int((predicted & y).sum())
     precision = true_positive / predicted.sum() if predicted.sum() else None
     recall = true_positive / y.sum() if y.sum() else None

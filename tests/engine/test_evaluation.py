@@ -12,6 +12,7 @@ from mednets.cli import main
 from mednets.data.io import Volume, write_volume
 from mednets.engine.evaluation import evaluate_folders
 from mednets.errors import InvalidInputError
+from mednets.metrics import presence_metrics
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])  # 8 mm^3 voxels
 
@@ -49,6 +50,27 @@ def test_summary_counts_hallucinations_in_millilitres(folders: tuple[Path, Path]
     # Presence from the sidecars: the absent spleen at 0.7 is a wrong "present" decision.
     spleen_b = next(r for r in evaluation.rows if r["case"] == "b" and r["structure"] == "spleen")
     assert spleen_b["presence_probability"] == 0.7 and spleen_b["dice"] is None
+
+
+def test_presence_accuracy_scores_the_predictors_own_calls(tmp_path: Path) -> None:
+    """A sidecar's `present` (its per-structure threshold, its volume floor) is the decision scored, not 0.5."""
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    liver = np.zeros((12, 12, 12), np.uint8)
+    liver[6:11, 6:11, 6:11] = 6
+    write_case(truth, "a", liver)  # no spleen
+    # The head says 0.7 for the spleen, but the predictor called it absent (e.g. its floor emptied it).
+    write_case(pred, "a", liver, {"spleen": {"probability": 0.7, "present": False},
+                                  "liver": {"probability": 0.4, "present": True}})  # fmt: skip
+    evaluation = evaluate_folders(pred, truth)
+    spleen = next(r for r in evaluation.rows if r["structure"] == "spleen")
+    assert spleen["presence_probability"] == 0.7 and spleen["presence_decision"] is False
+    # 13 structures: spleen (absent, called absent) and liver (present, called present at 0.4) are right,
+    # the 11 others have no sidecar entry and an empty mask on both sides: right as well.
+    assert evaluation.summary["presence"]["accuracy"] == pytest.approx(1.0)
+    # Thresholded at 0.5 the same probabilities would get both wrong.
+    rows = evaluation.rows
+    at_half = presence_metrics([r["presence_probability"] for r in rows], [r["present_in_truth"] for r in rows])
+    assert at_half["accuracy"] == pytest.approx(11 / 13)
 
 
 def test_cli_writes_csv_and_json(

@@ -2,8 +2,9 @@
 
 Predictions and truths are matched by case name (`<case>.nii.gz`, or 2D `<case>.png|.tif`, in both folders; a truth folder
 may also be a dataset folder, whose `labelsTr/` is used). A prediction's JSON sidecar
-(`<case>.json`, written by `mednets predict`) supplies presence probabilities; without one,
-presence is read from the mask. Conventions: `mednets.metrics`.
+(`<case>.json`, written by `mednets predict`) supplies presence probabilities (AUROC, calibration)
+and the predictor's own presence calls (accuracy, F1: its thresholds and volume floor, not 0.5);
+without one, presence is read from the mask. Conventions: `mednets.metrics`.
 """
 
 from __future__ import annotations
@@ -83,13 +84,15 @@ def evaluate_folders(
         scores = score_structures(predicted.array, truth.array, labels, truth.spacing,
                                   nsd_tolerance_mm=nsd_tolerance_mm, min_voxels=min_voxels)  # fmt: skip
         for name, score in scores.items():
-            probability = structures.get(name, {}).get("probability")
+            entry = structures.get(name, {})
+            probability = entry.get("probability")
             rows.append(
                 {
                     "case": case,
                     "structure": name,
                     **score.as_dict(),
                     "presence_probability": float(score.present_in_prediction) if probability is None else probability,
+                    "presence_decision": bool(entry.get("present", score.present_in_prediction)),
                 }
             )
     return Evaluation(rows, _summarise(rows))
@@ -114,7 +117,11 @@ def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "dice": mean_defined(r["dice"] for r in present),
         "hd95_mm": mean_defined(r["hd95_mm"] for r in present),
         "nsd": mean_defined(r["nsd"] for r in present),
-        "presence": presence_metrics([r["presence_probability"] for r in rows], [r["present_in_truth"] for r in rows]),
+        "presence": presence_metrics(
+            [r["presence_probability"] for r in rows],
+            [r["present_in_truth"] for r in rows],
+            decisions=[r["presence_decision"] for r in rows],
+        ),
         "absent_structures": len(absent),
         "false_positive_ml": {
             "mean": mean_defined(false_positive),
