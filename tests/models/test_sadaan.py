@@ -8,6 +8,8 @@ figures need the seed's configuration.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from mednets.models import create_model, get_model_spec
 from mednets.models.blocks import InstanceNorm
 from mednets.models.sadaan import (
     ABSENT_LOGIT,
+    AbsenceDetectionHead,
     SegmentationHead,
     SpatialAttentionMedicalSegmenter,
     resize_grid,
@@ -315,15 +318,42 @@ def test_prior_initialisation_rejects_a_frequency_of_another_grid():
         _tiny().init_from_label_frequency(torch.zeros(3, *GRID), floor=1.0)
 
 
-def test_presence_evidence_feeds_each_classifier_its_painted_volume():
+def test_presence_evidence_adds_the_painted_volume_log_odds():
     plain, evidence = _tiny(), _tiny(presence_evidence=True)
     extra = sum(p.numel() for p in evidence.parameters()) - sum(p.numel() for p in plain.parameters())
-    assert extra == 3 * 64  # one more input to each structure's first 64-unit layer
+    assert extra == 2 * 3  # a weight and a log-threshold per structure
     x = torch.randn(2, 1, *GRID)
     out = evidence.train()(x)
     assert out["presence_probs"].shape == (2, 3)
     out["presence_probs"].sum().backward()
-    assert evidence.absence_detector.absence_classifiers[0][0].weight.grad[:, -1].abs().sum() > 0  # evidence used
-    assert evidence.segmentation_head.segmentation_layer.weight.grad is None  # evidence is detached
-    with pytest.raises(InvalidInputError, match="evidence"):
-        evidence.absence_detector(torch.randn(2, 8, 4, 4, 4), torch.rand(2, 3))
+    head = evidence.absence_detector
+    assert head.evidence_weight.grad.abs().sum() > 0 and head.evidence_log_threshold.grad.abs().sum() > 0
+    assert evidence.segmentation_head.segmentation_layer.weight.grad is None  # the painted share is detached
+    with pytest.raises(InvalidInputError, match="painted share"):
+        head(torch.randn(2, 8, 4, 4, 4), torch.rand(2, 3))
+
+
+def test_presence_evidence_is_the_log_ratio_to_the_threshold():
+    """Painted at the threshold: the term is 0; e times more: +1 log-odds per unit weight; empty: far below."""
+    head = AbsenceDetectionHead(2, feature_dim=4, painted_evidence=True)
+    with torch.no_grad():
+        head.evidence_log_threshold.copy_(torch.log(torch.tensor([1e-2, 1e-3])))
+        head.evidence_weight.copy_(torch.tensor([1.0, 2.0]))
+    features, scores = torch.zeros(1, 4, 10, 10, 10), torch.zeros(1, 2)
+    base = AbsenceDetectionHead(2, feature_dim=4)
+    base.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("evidence")})
+    mlp = base(features, scores)["absence_logits"]
+    shift = head(features, scores, torch.tensor([[1e-2 * math.e, 0.0]]))["absence_logits"] - mlp
+    eps = 0.5 / 1000
+    expected = torch.tensor([1.0 + math.log(1 + eps / (1e-2 * math.e)), 2.0 * math.log(eps / 1e-3)])
+    torch.testing.assert_close(shift[0, :, 1], expected)
+    torch.testing.assert_close(shift[0, :, 0], torch.zeros(2))
+
+
+def test_prior_initialisation_sets_the_evidence_threshold_to_a_quarter_of_the_mean_share():
+    model = _tiny(presence_evidence=True)
+    frequency = torch.zeros(3, *GRID)
+    frequency[0, :4] = 1.0  # a quarter of the grid
+    model.init_from_label_frequency(frequency)
+    threshold = model.absence_detector.evidence_log_threshold.exp()
+    torch.testing.assert_close(threshold, torch.tensor([0.25 * 0.25, 0.25 * 1e-6, 0.25 * 1e-6]))

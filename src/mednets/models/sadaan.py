@@ -31,6 +31,7 @@ Two facts shape the design:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -214,20 +215,31 @@ class AbsenceDetectionHead(nn.Module):
         feature_dim: feature channels `F`.
         dropout: dropout after the first layer of each classifier (the seed's public code uses 0.2;
             default 0 keeps the forward pass deterministic in training mode).
-        evidence_inputs: extra per-structure inputs of each classifier (seed: 0; see
-            `SpatialAttentionMedicalSegmenter(presence_evidence=True)`).
+        painted_evidence: add to each structure's "present" logit a logistic term in the segmentation's
+            own evidence, `weight_s * (log(painted_s + eps) - log_threshold_s)`, `painted_s` being the
+            structure's soft painted share of the grid (seed: False; 2 parameters per structure).
+
+    Attributes:
+        evidence_weight: `[S]`, starts at 1 (an organ painted at its threshold volume is 50/50, each
+            factor e above it adds one unit of log-odds).
+        evidence_log_threshold: `[S]` log of the painted share at which the term is 0; starts at
+            `log(1e-4)`, `SpatialAttentionMedicalSegmenter.init_from_label_frequency` sets a quarter of
+            each structure's mean share in the training data.
     """
 
     def __init__(
-        self, num_structures: int, feature_dim: int = 128, dropout: float = 0.0, evidence_inputs: int = 0
+        self, num_structures: int, feature_dim: int = 128, dropout: float = 0.0, painted_evidence: bool = False
     ) -> None:
         super().__init__()
         self.num_structures = num_structures
-        self.evidence_inputs = evidence_inputs
+        self.painted_evidence = painted_evidence
+        if painted_evidence:
+            self.evidence_weight = nn.Parameter(torch.ones(num_structures))
+            self.evidence_log_threshold = nn.Parameter(torch.full((num_structures,), math.log(1e-4)))
         hidden, last = _CLASSIFIER_WIDTHS
         self.absence_classifiers = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(feature_dim + 1 + evidence_inputs, hidden),
+                nn.Linear(feature_dim + 1, hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(dropout),
                 nn.Linear(hidden, last),
@@ -244,39 +256,46 @@ class AbsenceDetectionHead(nn.Module):
         )
 
     def forward(
-        self, features: torch.Tensor, alignment_scores: torch.Tensor, evidence: torch.Tensor | None = None
+        self, features: torch.Tensor, alignment_scores: torch.Tensor, painted: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Absence logits, presence probabilities and confidence.
 
         Args:
             features: `[B, F, D, H, W]`.
             alignment_scores: `[B, S]`.
-            evidence: `[B, S, evidence_inputs]` more inputs per structure (when `evidence_inputs > 0`).
+            painted: `[B, S]` each structure's soft painted share of the grid (needed with
+                `painted_evidence`; gradients are not sent back through it).
 
         Returns:
             `absence_logits` `[B, S, 2]` (index 1 = present), `presence_probs` `[B, S]`
             (softmax[..., 1]), `confidence_scores` `[B, S]` in (0, 1).
         """
         pooled = global_average_pool(features)  # [B, F]
-        per_structure = alignment_scores.to(pooled.dtype)[..., None]  # [B, S, 1]
-        if self.evidence_inputs:
-            if evidence is None or tuple(evidence.shape[1:]) != (self.num_structures, self.evidence_inputs):
-                raise InvalidInputError("this head needs its evidence inputs", source="AbsenceDetectionHead",
-                                        expected=f"[B, {self.num_structures}, {self.evidence_inputs}]",
-                                        got=None if evidence is None else tuple(evidence.shape))  # fmt: skip
-            per_structure = torch.cat([per_structure, evidence.to(pooled.dtype)], dim=2)
+        scores = alignment_scores.to(pooled.dtype)[..., None]  # [B, S, 1]
         absence_logits = torch.stack(
             [
-                classifier(torch.cat([pooled, per_structure[:, s]], dim=1))
+                classifier(torch.cat([pooled, scores[:, s]], dim=1))
                 for s, classifier in enumerate(self.absence_classifiers)
             ],
             dim=1,
         )  # [B, S, 2]
+        if self.painted_evidence:
+            absence_logits = absence_logits.float() + self._evidence_logits(painted, grid_voxels=features[0, 0].numel())
         return {
             "absence_logits": absence_logits,
             "presence_probs": torch.softmax(absence_logits, dim=-1)[..., 1],
             "confidence_scores": self.confidence_head(pooled),
         }
+
+    def _evidence_logits(self, painted: torch.Tensor | None, grid_voxels: int) -> torch.Tensor:
+        """`[B, S, 2]`: 0 for "absent", the painted-volume log-odds for "present" (fp32, detached input)."""
+        if painted is None or tuple(painted.shape[1:]) != (self.num_structures,):
+            raise InvalidInputError("this head needs each structure's painted share", source="AbsenceDetectionHead",
+                                    expected=f"painted [B, {self.num_structures}]",
+                                    got=None if painted is None else tuple(painted.shape))  # fmt: skip
+        eps = 0.5 / grid_voxels  # half a voxel: an empty structure stays finite
+        log_odds = self.evidence_weight * (torch.log(painted.detach().float() + eps) - self.evidence_log_threshold)
+        return torch.stack([torch.zeros_like(log_odds), log_odds], dim=-1)
 
 
 class SegmentationHead(MednetsModel):
@@ -358,11 +377,11 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         norm_kind: normalisation of every 3x3x3 conv layer: "batch" (seed) or "instance" (steadier at
             the small batches a whole-volume model trains with; same parameter count).
         normalise_alignment: see `AnatomicalAttentionModule` (seed: False).
-        presence_evidence: also give each absence classifier the structure's segmentation evidence:
-            the log of its soft painted volume (mean of `segmentation_probs`, before gating) over the
-            mean of its prior probability, detached. Globally pooled features barely change when one
-            organ is missing, and the seed's head learns one constant per organ (seed: False; adds
-            64 weights per structure).
+        presence_evidence: add the segmentation's own evidence to each presence decision: a logistic
+            term in the log of the structure's soft painted share of the grid (mean of
+            `segmentation_probs` before gating, detached; see `AbsenceDetectionHead(painted_evidence)`).
+            Globally pooled features barely change when one organ is missing, and the seed's head
+            learns one constant per organ (seed: False; adds 2 parameters per structure).
     """
 
     spatial_dims = 3
@@ -401,7 +420,7 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         )
         self.presence_evidence = presence_evidence
         self.absence_detector = AbsenceDetectionHead(
-            num_structures, feature_channels, classifier_dropout, evidence_inputs=int(presence_evidence)
+            num_structures, feature_channels, classifier_dropout, painted_evidence=presence_evidence
         )
         self.segmentation_head = SegmentationHead(
             feature_channels, num_structures, replicated=replicated_head, norm_kind=norm_kind
@@ -418,6 +437,8 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         structure's mean frequency, so the first steps do not spend themselves learning that most
         voxels are background. (A floor of 0.01 on that frequency, RetinaNet's prior, was measured
         worse: validation Dice 0.49 against 0.62 after 400 steps of `configs/sadaan_phantoms.yaml`.)
+        With `presence_evidence`, the painted share at which the evidence is neutral starts at a
+        quarter of each structure's mean share.
 
         Args:
             frequency: `[S, D, H, W]` share of training cases with structure `s` at each voxel, on
@@ -442,8 +463,12 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         with torch.no_grad():
             prior = self.attention_module.position_prior
             prior.copy_(torch.logit(prior_probs).unsqueeze(0).to(prior))
+            mean_share = frequency.flatten(1).mean(1)  # [S]
             bias = self.segmentation_head.segmentation_layer.bias
-            bias.copy_(torch.logit(frequency.flatten(1).mean(1).clamp(1e-4, 0.5)).to(bias))
+            bias.copy_(torch.logit(mean_share.clamp(1e-4, 0.5)).to(bias))
+            if self.presence_evidence:
+                threshold = self.absence_detector.evidence_log_threshold
+                threshold.copy_(torch.log(0.25 * mean_share.clamp_min(1e-6)).to(threshold))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> SpatialAttentionMedicalSegmenter:
         """Turn checkpointing on or off here and in every component that checkpoints its stages."""
@@ -478,12 +503,8 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         attention = self.attention_module(features)  # attention_maps [B, S, D, H, W], alignment_scores [B, S]
         logits = self.segmentation_head(features, attention["attention_maps"])  # [B, S, D, H, W]
         probs = torch.sigmoid(logits)  # [B, S, D, H, W]
-        evidence = None
-        if self.presence_evidence:  # log(soft painted volume / expected volume), [B, S, 1]
-            expected = torch.sigmoid(self.attention_module.position_prior.float()).mean(dim=(2, 3, 4))  # [1, S]
-            painted = probs.detach().float().mean(dim=(2, 3, 4))  # [B, S]
-            evidence = torch.log(painted / expected.clamp_min(1e-6) + 1e-3)[..., None]
-        absence = self.absence_detector(features, attention["alignment_scores"], evidence)  # presence_probs [B, S]
+        painted = probs.detach().float().mean(dim=(2, 3, 4)) if self.presence_evidence else None  # [B, S]
+        absence = self.absence_detector(features, attention["alignment_scores"], painted)  # presence_probs [B, S]
 
         threshold = self._threshold(presence_threshold, absence["presence_probs"])
         present = absence["presence_probs"] >= threshold  # [B, S]
