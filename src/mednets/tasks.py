@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mednets.data.transforms import claimed_labels, smallest_claim_first
 from mednets.errors import ConfigError, UnknownNameError
 from mednets.losses import DeepSupervisionLoss, DenoisingLoss, SpatialAttentionLoss
 from mednets.metrics import psnr, ssim
@@ -112,7 +113,8 @@ class AbsenceSegmentationTask(Task):
     """SADAAn: per-structure sigmoid segmentation plus presence detection (`SpatialAttentionLoss`).
 
     Label maps are turned into per-structure masks `[B, K, *S]`; presence targets come from the batch.
-    Predicted label = the most probable structure where its probability exceeds 0.5, else background.
+    A structure claims the voxels where its probability exceeds 0.5; where several do, the one claiming
+    the fewest voxels in the scan wins (`mednets.data.transforms.smallest_claim_first`), else background.
 
     Args:
         num_classes: classes including background (structures = num_classes - 1).
@@ -137,9 +139,8 @@ class AbsenceSegmentationTask(Task):
         return self.criterion(outputs, self._targets(batch))
 
     def predict(self, outputs: Any) -> dict[str, torch.Tensor]:
-        probs = outputs["segmentation_probs"].float()  # gated in eval mode: absent structures are 0
-        best, index = probs.max(1)
-        labels = torch.where(best > 0.5, index + 1, torch.zeros_like(index))
+        claims = outputs["segmentation_probs"].float() > 0.5  # [B, S, *S]; gated in eval mode: absent = no claim
+        labels = claimed_labels(claims, smallest_claim_first(claims, claims.ndim - 2))
         return {"labels": labels, "presence_probs": outputs["presence_probs"].float(), "present": outputs["present"]}
 
     def batch_metrics(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:

@@ -17,11 +17,13 @@ from mednets.data.transforms import (
     RandOrganRemovald,
     allowed_flip_axes,
     augmentation,
+    claimed_labels,
     ct_normalisation,
     ct_segmentation_pipeline,
     labels_from_logits,
     location_prior,
     resample_to_spacing,
+    smallest_claim_first,
 )
 from mednets.errors import ConfigError
 
@@ -87,6 +89,34 @@ def test_labels_from_logits_in_slabs_equals_one_interpolation(
     labels = labels_from_logits(logits, shape, slab=slab)
     assert labels.shape == shape
     np.testing.assert_array_equal(labels.numpy(), full.argmax(0).numpy())
+
+
+def test_claimed_labels_give_an_overlap_to_the_smallest_claimant() -> None:
+    """A big organ spilling over a small neighbour loses the overlap; single claims keep their structure."""
+    liver = torch.zeros(1, 10, 10, dtype=torch.bool)
+    liver[0, :, :6] = True  # 60 voxels
+    adrenal = torch.zeros(1, 10, 10, dtype=torch.bool)
+    adrenal[0, 4:6, 4:8] = True  # 8 voxels, 4 of them inside the liver's claim
+    claims = torch.stack([liver, adrenal])  # [S=2, 1, 10, 10]
+    labels = claimed_labels(claims, smallest_claim_first(claims, spatial_dims=3))
+    assert labels.shape == (1, 10, 10) and labels.dtype == torch.int64
+    assert (labels[adrenal] == 2).all()  # the whole adrenal, overlap included
+    assert (labels[liver & ~adrenal] == 1).all() and (labels[~liver & ~adrenal] == 0).all()
+    # With a batch axis and the other priority, the liver wins the overlap instead.
+    batched = claimed_labels(claims[None], torch.tensor([[1.0, 0.0]]))
+    assert (batched[0][liver] == 1).all() and (batched[0][adrenal & ~liver] == 2).all()
+
+
+def test_labels_from_logits_with_a_priority_resolves_claims_after_upsampling() -> None:
+    torch.manual_seed(2)
+    scores = torch.cat([torch.full((1, 4, 5, 6), 0.5), torch.rand(3, 4, 5, 6)])  # background 0.5, 3 structures
+    priority = torch.tensor([0.0, 2.0, 1.0])
+    shape = (9, 10, 11)
+    labels = labels_from_logits(scores, shape, slab=4, priority=priority)
+    full = torch.nn.functional.interpolate(scores[None], size=shape, mode="trilinear", align_corners=False)[0]
+    expected = claimed_labels(full[1:] > full[:1], priority)
+    np.testing.assert_array_equal(labels.numpy(), expected.numpy())
+    assert (labels.numpy() != full.argmax(0).numpy()).any()  # not the plain argmax
 
 
 def test_presence_aware_crop_visits_absent_organ_bed(phantom_dataset: Path) -> None:

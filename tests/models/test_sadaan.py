@@ -350,10 +350,14 @@ def test_presence_evidence_is_the_log_ratio_to_the_threshold():
     torch.testing.assert_close(shift[0, :, 0], torch.zeros(2))
 
 
-def test_prior_initialisation_sets_the_evidence_threshold_to_a_quarter_of_the_mean_share():
+def test_prior_initialisation_sets_the_evidence_threshold_to_a_quarter_of_the_smallest_share():
     model = _tiny(presence_evidence=True)
     frequency = torch.zeros(3, *GRID)
     frequency[0, :4] = 1.0  # a quarter of the grid
-    model.init_from_label_frequency(frequency)
-    threshold = model.absence_detector.evidence_log_threshold.exp()
-    torch.testing.assert_close(threshold, torch.tensor([0.25 * 0.25, 0.25 * 1e-6, 0.25 * 1e-6]))
+    model.init_from_label_frequency(frequency)  # no smallest share: a quarter of the mean share
+    threshold = model.absence_detector.evidence_log_threshold
+    torch.testing.assert_close(threshold.exp(), torch.tensor([0.25 * 0.25, 0.25 * 1e-6, 0.25 * 1e-6]))
+    model.init_from_label_frequency(frequency, smallest_share=torch.tensor([0.1, 0.02, 0.0]))
+    torch.testing.assert_close(threshold.exp(), torch.tensor([0.25 * 0.1, 0.25 * 0.02, 0.25 * 1e-6]))
+    with pytest.raises(InvalidInputError, match="smallest share"):
+        model.init_from_label_frequency(frequency, smallest_share=torch.zeros(2))

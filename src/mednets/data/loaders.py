@@ -10,6 +10,7 @@ a resumed run sees exactly the samples the uninterrupted run would have seen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
 from mednets.data.transforms import ct_segmentation_pipeline, location_prior
 from mednets.errors import ConfigError
 
-__all__ = ["SeededCacheDataset", "ensure_phantom_datasets", "label_frequency_atlas", "segmentation_datasets"]
+__all__ = ["LabelAtlas", "SeededCacheDataset", "ensure_phantom_datasets", "label_atlas", "segmentation_datasets"]
 
 
 def _to_sample(item: Any) -> dict[str, Any]:
@@ -133,7 +134,22 @@ def segmentation_datasets(
     )
 
 
-def label_frequency_atlas(
+@dataclass(frozen=True)
+class LabelAtlas:
+    """What the training labels say about each structure on a model's grid.
+
+    Attributes:
+        frequency: `[K, D, H, W]` float32, the share of cases with structure `k` at each voxel.
+        smallest_share: `[K]` float32, the smallest share of the grid structure `k` fills in a case
+            where it has voxels (0 where no case has it): the smallest real organ, e.g. a kidney cut by
+            the field of view.
+    """
+
+    frequency: torch.Tensor
+    smallest_share: torch.Tensor
+
+
+def label_atlas(
     dataset: SeededCacheDataset,
     num_classes: int,
     *,
@@ -141,12 +157,12 @@ def label_frequency_atlas(
     hu_window: tuple[float, float] | None,
     spacing_mm: Sequence[float] | None,
     smoothing_voxels: float = 1.0,
-) -> torch.Tensor:
-    """Voxel-wise frequency of each structure over a dataset's cases, on a model's grid (an atlas).
+) -> LabelAtlas:
+    """Voxel-wise frequency and smallest extent of each structure over a dataset's cases, on a model's grid.
 
     Each label map goes through the same deterministic pipeline as training (load, optional
     resampling, nearest-neighbour resize to `grid`), so the atlas lies exactly where the model sees
-    the organs; it is then lightly smoothed so a structure's neighbourhood is not ruled out.
+    the organs; the frequency is then lightly smoothed so a structure's neighbourhood is not ruled out.
 
     Args:
         dataset: the training set (its records are read again, without augmentation).
@@ -154,20 +170,28 @@ def label_frequency_atlas(
         grid: the model's grid `(D, H, W)`.
         hu_window: as in training (the image is loaded with the label; only the label is used).
         spacing_mm: as in training.
-        smoothing_voxels: gaussian sigma of the smoothing, in grid voxels (0: none).
+        smoothing_voxels: gaussian sigma of the frequency's smoothing, in grid voxels (0: none).
 
     Returns:
-        `[K, D, H, W]` float32 in [0, 1], `K = num_classes - 1` structures in label order.
+        The atlas, `K = num_classes - 1` structures in label order.
     """
     pipeline = ct_segmentation_pipeline(
         hu_window=hu_window, spacing_mm=spacing_mm, grid=grid, num_classes=num_classes, augment=False
     )
     counts = np.zeros((num_classes - 1, *grid), dtype=np.float64)
+    smallest = np.full(num_classes - 1, np.inf)
     for record in dataset.data:
         labels = np.asarray(pipeline(dict(record))["label"])[0].round()
         for structure in range(num_classes - 1):
-            counts[structure] += labels == structure + 1
+            inside = labels == structure + 1
+            counts[structure] += inside
+            voxels = int(inside.sum())
+            if voxels:
+                smallest[structure] = min(smallest[structure], voxels)
     frequency = counts / max(len(dataset.data), 1)
     if smoothing_voxels > 0:
         frequency = np.stack([ndimage.gaussian_filter(f, smoothing_voxels) for f in frequency])
-    return torch.from_numpy(frequency.astype(np.float32))
+    smallest_share = np.where(np.isfinite(smallest), smallest, 0.0) / float(np.prod(grid))
+    return LabelAtlas(
+        torch.from_numpy(frequency.astype(np.float32)), torch.from_numpy(smallest_share.astype(np.float32))
+    )

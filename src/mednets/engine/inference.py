@@ -33,7 +33,7 @@ from torch import nn
 
 from mednets.atomic import atomic_write_text
 from mednets.data.io import Volume, read_volume, write_volume
-from mednets.data.transforms import labels_from_logits
+from mednets.data.transforms import labels_from_logits, smallest_claim_first
 from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights
 from mednets.engine.predict2d import predict_paths_2d
 from mednets.engine.sliding_window import sliding_window_logits
@@ -253,7 +253,9 @@ def predict_volume(
             probs = outputs["segmentation_probs"][0].cpu()  # [S, *grid]
             if gating:
                 probs = probs * present[:, None, None, None]
-            # Background scores 0.5: a voxel takes the most probable structure above one half.
+            # Background scores 0.5: a structure claims the voxels where it is above one half, and
+            # where several do, the one claiming the fewest voxels on the grid wins.
+            priority = smallest_claim_first(probs > 0.5, spatial_dims=3)
             scores = torch.cat([torch.full_like(probs[:1], 0.5), probs])
             scores = _undo_pad_crop(scores, image.shape, offsets, fill=0.0)
             scores[0] = torch.where(scores[1:].amax(0) > 0, scores[0], torch.ones_like(scores[0]))
@@ -267,9 +269,9 @@ def predict_volume(
                 return {"scores": torch.softmax(logits, 0)[None]}
 
             scores = _averaged(run_model, image[None, None], tta_axes)["scores"][0].cpu()
-            presence = confidence = present = None
+            presence = confidence = present = priority = None
     clock.lap("inference")
-    labels = labels_from_logits(scores, oriented.array.shape).numpy()  # float32 slab by slab
+    labels = labels_from_logits(scores, oriented.array.shape, priority=priority).numpy()  # float32 slab by slab
     label_ids = np.asarray([0, *structure_ids], dtype=np.uint8)
     labels = label_ids[labels]  # channel index -> label id
     voxel_ml = volume.voxel_volume_ml()

@@ -21,7 +21,7 @@ from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig
 from mednets.data.dataset import load_dataset
 from mednets.data.io import read_volume
-from mednets.data.loaders import ensure_phantom_datasets, label_frequency_atlas, segmentation_datasets
+from mednets.data.loaders import ensure_phantom_datasets, label_atlas, segmentation_datasets
 from mednets.engine.distributed import barrier, init_distributed
 from mednets.engine.trainer import Trainer
 from mednets.errors import ConfigError
@@ -139,11 +139,11 @@ def run_training(
         if not hasattr(model, "init_from_label_frequency"):
             raise ConfigError("this model cannot be initialised from data", source="model.init_from_data",
                               expected="false for this model", got=config.model.name)  # fmt: skip
+        atlas = label_atlas(train_set, len(dataset.labels), grid=grid, hu_window=config.data.hu_window,
+                            spacing_mm=config.data.spacing_mm)  # fmt: skip
         model.init_from_label_frequency(
-            label_frequency_atlas(train_set, len(dataset.labels), grid=grid, hu_window=config.data.hu_window,
-                                  spacing_mm=config.data.spacing_mm),
-            floor=config.model.init_prior_floor,
-        )  # fmt: skip
+            atlas.frequency, floor=config.model.init_prior_floor, smallest_share=atlas.smallest_share
+        )
     task = create_task(spec.task, num_classes=len(dataset.labels), **config.loss)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -426,19 +426,23 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
             feature_channels, num_structures, replicated=replicated_head, norm_kind=norm_kind
         )
 
-    def init_from_label_frequency(self, frequency: torch.Tensor, floor: float = 0.5) -> None:
+    def init_from_label_frequency(
+        self, frequency: torch.Tensor, floor: float = 0.5, smallest_share: torch.Tensor | None = None
+    ) -> None:
         """Start the position prior (and the segmentation bias) from the training data's anatomy.
 
         The seed starts the prior as noise (`0.1 * randn`: every voxel 50% likely), so the attention
         maps carry no position at first and must learn the atlas through a per-voxel parameter that
         moves about one learning rate per step. Starting from the voxel-wise label frequency of the
-        training set (an atlas, `mednets.data.transforms.label_frequency_atlas`) gives the model its
+        training set (an atlas, `mednets.data.loaders.label_atlas`) gives the model its
         anatomy at step 0; training refines it. The segmentation bias starts at the logit of each
         structure's mean frequency, so the first steps do not spend themselves learning that most
         voxels are background. (A floor of 0.01 on that frequency, RetinaNet's prior, was measured
         worse: validation Dice 0.49 against 0.62 after 400 steps of `configs/sadaan_phantoms.yaml`.)
         With `presence_evidence`, the painted share at which the evidence is neutral starts at a
-        quarter of each structure's mean share.
+        quarter of each structure's smallest share in training (the rule of `mednets predict`'s volume
+        floor, so a fragment cut by the field of view that the floor keeps is not gated either), or of
+        its mean share when the smallest is not given.
 
         Args:
             frequency: `[S, D, H, W]` share of training cases with structure `s` at each voxel, on
@@ -447,6 +451,8 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
                 `floor + (1 - floor) * frequency`. A soft prior (0.5) only favours the usual place, so
                 anatomy shifted by a truncated field of view is still found; a hard one (0.01) all but
                 rules out voxels outside the atlas.
+            smallest_share: `[S]` the smallest share of the grid each structure fills in a training case
+                where it is present (`mednets.data.loaders.LabelAtlas.smallest_share`); 0 = never seen.
         """
         expected = (self.num_structures, *self.grid_size)
         if tuple(frequency.shape) != expected:
@@ -458,6 +464,9 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
             )
         if not 0 < floor < 1:
             raise ConfigError("the prior floor must lie in (0, 1)", source="floor", got=floor)
+        if smallest_share is not None and tuple(smallest_share.shape) != (self.num_structures,):
+            raise InvalidInputError("one smallest share per structure", source="smallest_share",
+                                    expected=(self.num_structures,), got=tuple(smallest_share.shape))  # fmt: skip
         frequency = frequency.detach().float().clamp(0, 1)
         prior_probs = (floor + (1 - floor) * frequency).clamp(max=1 - 1e-3)
         with torch.no_grad():
@@ -467,8 +476,9 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
             bias = self.segmentation_head.segmentation_layer.bias
             bias.copy_(torch.logit(mean_share.clamp(1e-4, 0.5)).to(bias))
             if self.presence_evidence:
+                share = mean_share if smallest_share is None else smallest_share.detach().float()
                 threshold = self.absence_detector.evidence_log_threshold
-                threshold.copy_(torch.log(0.25 * mean_share.clamp_min(1e-6)).to(threshold))
+                threshold.copy_(torch.log(0.25 * share.clamp_min(1e-6)).to(threshold))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> SpatialAttentionMedicalSegmenter:
         """Turn checkpointing on or off here and in every component that checkpoints its stages."""
