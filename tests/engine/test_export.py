@@ -83,6 +83,17 @@ def test_onnxruntime_equals_pytorch_fp32_on_every_output(name: str, tmp_path: Pa
         )
 
 
+def test_sadaan_with_presence_evidence_exports_with_parity(tmp_path: Path) -> None:
+    """The configs' SADAAn reads its painted volume into the presence decision: the graph must too."""
+    spec = get_model_spec("sadaan_fast")
+    torch.manual_seed(0)
+    model = create_model("sadaan_fast", **spec.tiny_overrides, presence_evidence=True).eval()
+    x = torch.rand(1, 1, *spec.tiny_input_size)
+    path = export_onnx(model, x, tmp_path / "sadaan_evidence.onnx", model_name="sadaan_fast")
+    differences = max_differences(torch_outputs(model, x, spec.task), onnx_outputs(path, x))
+    assert max(differences.values()) <= TOLERANCE, differences
+
+
 @pytest.mark.parametrize(
     "name, size",
     [("unet", (32, 48)), ("unet3d", (16, 32, 32)), ("dynunet", (16, 32, 32)), ("histo_autoencoder", (32, 48))],
