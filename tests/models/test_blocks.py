@@ -32,6 +32,34 @@ def test_bf16_conv3d_weight_gradient_matches_fp32(depth: int, channels_last: boo
     assert (low - reference).abs().max() <= 0.02 * reference.abs().max()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_conv3d_per_sample_weight_gradient_matches_the_plain_bf16_path(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large maps get their weight gradient one sample at a time (lowered threshold here): same
+    outputs and input gradient as the plain bf16 convolution, weight and bias gradients within bf16
+    rounding, every gradient in the parameter's or input's own dtype."""
+    torch.manual_seed(0)
+    layer = conv(3, 8, 6, 3, bias=bias).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(3, 8, 6, 6, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    results = []
+    for threshold in (10**9, 1):  # plain, then per sample
+        monkeypatch.setattr(type(layer), "PER_SAMPLE_WEIGHT_GRAD_ELEMENTS", threshold)
+        layer.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().sin().sum().backward()
+        results.append((out, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad))
+    (out, grad_x, grad_w, grad_b), (out2, grad_x2, grad_w2, grad_b2) = results
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x2, grad_x, rtol=0, atol=0)
+    assert grad_x2.dtype == x.dtype and grad_w2.dtype == layer.weight.dtype
+    assert (grad_w2 - grad_w).abs().max() <= 0.01 * grad_w.abs().max()
+    if bias:
+        assert (grad_b2 - grad_b).abs().max() <= 0.01 * grad_b.abs().max()
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7, 4), (3, 4, 9, 11)])
 def test_instance_norm_equals_torch_instance_norm_and_keeps_channels_last(shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)

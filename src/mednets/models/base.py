@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mednets.errors import InvalidInputError
+from mednets.models.fused import conv1x1, norm_relu_project, supports_fused_tail
 
 __all__ = ["MednetsModel", "memory_format_for", "check_input"]
 
@@ -105,23 +106,42 @@ class MednetsModel(nn.Module):
         block: nn.Sequential,
         x: torch.Tensor,
         tail_start: int,
-        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        projection: nn.Module | None = None,
+        *,
+        projection_bias: bool = True,
     ) -> torch.Tensor:
-        """`then(block(x))`, storing for backward none of the activations of the cheap tail `block[tail_start:]` + `then`.
+        """`block[:tail_start]`, then a cheap tail whose activations are not stored for backward.
 
-        For full-resolution branches that end in normalisation, activation and a 1x1(x1) projection:
-        that tail costs little to run again in the backward pass, while its stored activations are
-        full-size maps (SADAAn's attention, feature-matching and segmentation branches: 0.26 GB of a
-        bf16 training step at the seed's size). Only the tail's input is kept, which the normalisation
-        layer keeps anyway. Running statistics are updated once. With the checkpointing switch on, the
-        whole block is checkpointed instead.
+        The tail is the norm `block[tail_start]`, the ReLU `block[tail_start + 1]`, a 1x1(x1)
+        convolution (`block[tail_start + 2]`, or `projection` when the block ends with the ReLU; its
+        bias left out with `projection_bias=False`) and any parameter-free layers after it (a sigmoid).
+        For full-resolution branches such as SADAAn's attention, feature-matching and segmentation
+        branches, whose normalised and activated maps are full-size while the projection has a few
+        channels: batch norms and `InstanceNorm`s run `mednets.models.fused.norm_relu_project`
+        (only the norm's input is kept, and the backward holds two full-size temporaries instead of
+        three); other norms recompute the tail through checkpointing. Running statistics are updated
+        once. With the checkpointing switch on, the whole block is checkpointed instead.
         """
-        then = then if then is not None else (lambda y: y)
-        if self.gradient_checkpointing or not torch.is_grad_enabled():
-            return then(self.run_block(block, x))
         layers = list(block)  # plain Sequentials: slicing a subclass would call its own __init__
-        head, tail = nn.Sequential(*layers[:tail_start]), nn.Sequential(*layers[tail_start:])
-        return _recomputed(tail, lambda y: then(tail(y)), head(x))
+        head, norm, relu = nn.Sequential(*layers[:tail_start]), layers[tail_start], layers[tail_start + 1]
+        if not isinstance(relu, nn.ReLU):
+            raise TypeError(f"run_cheap_tail needs a ReLU after the norm, found {type(relu).__name__}")
+        if projection is not None and len(layers) != tail_start + 2:
+            raise TypeError("with a separate projection the block must end with the ReLU")
+        rest = nn.Sequential(*layers[tail_start + 3 :])
+        projection = projection if projection is not None else layers[tail_start + 2]
+        bias = projection.bias if projection_bias else None
+
+        def plain_tail(y: torch.Tensor) -> torch.Tensor:
+            return rest(conv1x1(relu(norm(y)), projection.weight, bias))
+
+        if not torch.is_grad_enabled():
+            return plain_tail(head(x))
+        if self.gradient_checkpointing:
+            return _recomputed(block, lambda y: plain_tail(head(y)), x)
+        if supports_fused_tail(norm):
+            return rest(norm_relu_project(head(x), norm, projection.weight, bias))
+        return _recomputed(norm, plain_tail, head(x))
 
     def to_channels_last(self) -> MednetsModel:
         """Move parameters to `channels_last` (2D) or `channels_last_3d` (3D) in place."""

@@ -343,7 +343,7 @@ class SegmentationHead(MednetsModel):
         layer = self.segmentation_layer
         # the second norm-activation and W_s . f are recomputed in backward: the refined map is not stored
         unbiased = self.run_cheap_tail(
-            self.feature_refine, features, tail_start=4, then=lambda refined: F.conv3d(refined, layer.weight)
+            self.feature_refine, features, tail_start=4, projection=layer, projection_bias=False
         )  # [B, S, D, H, W]: W_s . f
         return attention_maps * unbiased + layer.bias.view(1, -1, 1, 1, 1)  # a_s * (W_s . f) + b_s
 
