@@ -9,7 +9,8 @@ Baseline: scikit-image's non-local means, sigma from `estimate_sigma`, with `pat
 `patch_distance` and `h / sigma` tuned for mean PSNR on noisy tiles of the training image
 (`--tune-nlm` writes them to a JSON file; evaluation reads it).
 
-Rows: the noisy input, NLM, and each run (`mednets denoise`'s path: `denoise_array`, bf16). PSNR and
+Rows: the noisy input, NLM, and each run (`mednets denoise`'s path: `denoise_array`, bf16; with
+`--keep-mean-colour` a second row per run gives each tile the noisy tile's mean colour). PSNR and
 SSIM (`mednets.metrics`) are means over tiles; "gain" is the mean PSNR gain over the noisy input;
 "beats NLM" counts tiles where the method has both higher PSNR and higher SSIM than NLM.
 
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, help="write noisy / outputs / clean triplets of 4 tiles here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="of the autoencoders")
+    parser.add_argument("--keep-mean-colour", action="store_true",
+                        help="also score each run with `denoise_array(keep_mean_colour=True)` (a second row)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.tune_nlm:
@@ -103,9 +106,10 @@ def main() -> None:
     for item in args.run:
         label, run_dir = item.split("=", 1)
         model = load_denoiser(run_dir)
-        methods[label] = lambda noisy, model=model: denoise_array(
-            model, torch.from_numpy(noisy), precision=args.precision
-        ).numpy()
+        for keep in (False, True) if args.keep_mean_colour else (False,):
+            methods[f"{label}, mean colour kept" if keep else label] = lambda noisy, model=model, keep=keep: (
+                denoise_array(model, torch.from_numpy(noisy), precision=args.precision, keep_mean_colour=keep).numpy()
+            )
     rows = {"noisy input": [], **{name: [] for name in methods}}
     seconds = {name: 0.0 for name in methods}
     outputs = []

@@ -313,6 +313,14 @@ def denoise_command(
     precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    keep_mean_colour: Annotated[
+        bool,
+        typer.Option(
+            "--keep-mean-colour/--free-mean-colour",
+            help="Give each tile's output the noisy tile's mean colour: removes a colour cast learned from "
+            "other stains (mean-preserving noise such as gaussian, Poisson and blur).",
+        ),
+    ] = False,
 ) -> None:
     """Denoise images of any size with overlapping, seamlessly blended tiles; same format and bit depth out."""
     from mednets.engine.denoise import denoise_paths, load_denoiser
@@ -321,7 +329,7 @@ def denoise_command(
         raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
     model = load_denoiser(run, checkpoint=checkpoint, device=device)
     result = denoise_paths(model, source, target, tile=tile, overlap=overlap, margin=overlap // 4,
-                           batch_size=batch_size, precision=precision)  # fmt: skip
+                           batch_size=batch_size, precision=precision, keep_mean_colour=keep_mean_colour)  # fmt: skip
     for path in result["written"]:
         console.print(f"wrote {path}")
     for _path, message in result["failed"]:  # the message names the file

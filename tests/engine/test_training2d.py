@@ -63,6 +63,17 @@ def test_denoise_command_writes_each_image_in_its_format(denoising_run: Path, tm
     assert pages.shape == (2, 40, 40) and pages.dtype == np.uint16
 
 
+def test_denoise_command_keeps_the_mean_colour_when_asked(denoising_run: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(150, 240, (48, 48, 3), dtype=np.uint8)  # bright as H&E, away from 255: no clipping
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    code = main(["denoise", "--run", str(denoising_run), str(tmp_path / "in.png"), str(tmp_path / "out.png"),
+                 "--tile", "48", "--overlap", "12", "--keep-mean-colour"])  # fmt: skip
+    assert code == 0
+    out = np.asarray(Image.open(tmp_path / "out.png")).astype(float)
+    np.testing.assert_allclose(out.mean(axis=(0, 1)), pixels.mean(axis=(0, 1)), atol=1.0)  # one grey level
+
+
 def test_denoise_refuses_a_segmentation_run(tmp_path: Path) -> None:
     config = load_config(
         CONFIGS / "unet2d_phantoms.yaml",
