@@ -1,4 +1,4 @@
-"""Figures of 2D runs: denoising triplets and segmentation overlays are written as PNG files."""
+"""Figures of 2D runs: denoising triplets and segmentation overlays, in the format their file name asks for."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ def test_segmentation_overlays_accept_grey_and_rgb_images(tmp_path: Path) -> Non
         {"name": "rgb", "image": np.full((3, 24, 24), 0.5), "truth": truth, "prediction": np.zeros_like(truth)},
     ]
     assert segmentation_overlays(samples, tmp_path / "overlays.png").is_file()
+
+
+def test_figures_are_written_in_the_format_of_their_suffix(tmp_path: Path) -> None:
+    clean = np.full((3, 16, 16), 0.5, np.float32)
+    sample = {"name": "tile", "noisy": clean, "clean": clean, "outputs": {"a": clean}}
+    assert Image.open(denoising_triplets([sample], tmp_path / "triplets.jpg")).format == "JPEG"
+    assert Image.open(denoising_triplets([sample], tmp_path / "triplets.png")).format == "PNG"

@@ -33,8 +33,9 @@ def _show(axis: Any, image: np.ndarray, title: str) -> None:
 
 
 def _save(figure: Any, out: str | os.PathLike[str]) -> Path:
-    with atomic_path(out) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+    """Write `figure` in the format of `out`'s suffix (PNG, JPEG, ...), atomically."""
+    with atomic_path(out) as temporary:  # the temporary name keeps the suffix, which picks the format
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return Path(out)
 
