@@ -35,6 +35,7 @@ from mednets.atomic import atomic_write_text
 from mednets.data.io import Volume, read_volume, write_volume
 from mednets.data.transforms import labels_from_logits, smallest_claim_first
 from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights
+from mednets.engine.host_memory import reuse_freed_memory
 from mednets.engine.predict2d import predict_paths_2d
 from mednets.engine.sliding_window import sliding_window_logits
 from mednets.engine.training import build_model_for_data
@@ -193,6 +194,7 @@ def _averaged(
     return totals
 
 
+@reuse_freed_memory()  # the scan's full-size buffers as well as the network's activations
 def predict_volume(
     run: LoadedRun,
     volume: Volume,

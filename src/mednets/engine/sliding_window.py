@@ -6,7 +6,9 @@ What makes it fast on a CPU (and keeps it lean on a GPU):
 - the gaussian importance map is computed once per patch size (cached);
 - each window's weighted logits are added in place into its slice of the output (``addcmul_``), with
   no copy of the whole volume per window; the weights are summed in one single-channel map and the
-  output divided by it in place at the end.
+  output divided by it in place at the end;
+- freed activations stay in the process for the next layer instead of going back to the kernel
+  (`reuse_freed_memory`): no page faults on every layer's output.
 
 The windows and their blending are MONAI's ``sliding_window_inference(mode="gaussian")`` (equal to it
 within float rounding in fp32, tested): stride ``int(patch * (1 - overlap))``, the last window on each
@@ -26,6 +28,7 @@ from monai.data.utils import compute_importance_map
 from torch import nn
 from tqdm.auto import tqdm
 
+from mednets.engine.host_memory import reuse_freed_memory
 from mednets.engine.tiling import tile_starts
 from mednets.errors import ConfigError, InvalidInputError
 
@@ -110,7 +113,7 @@ def sliding_window_logits(
     output: torch.Tensor | None = None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     batches = range(0, len(corners), batch_size)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, reuse_freed_memory():
         for first in tqdm(batches, desc="windows", unit="batch", disable=not progress, leave=False):
             batch = corners[first : first + batch_size]
             windows = torch.stack([source[(slice(None), *_slices(c, patch))] for c in batch])

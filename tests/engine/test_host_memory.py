@@ -1,0 +1,77 @@
+"""`reuse_freed_memory`: freed large blocks are reused (no page faults), and the defaults come back."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+from mednets.engine import host_memory
+from mednets.engine.host_memory import reuse_freed_memory
+
+BLOCK_BYTES = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB): mmapped by default
+PAGES = BLOCK_BYTES // 4096
+
+
+def _page_faults_of_new_block() -> int:
+    """Minor page faults taken while allocating and filling one 64 MiB tensor."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(BLOCK_BYTES // 4)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    del block
+    return after - before
+
+
+@pytest.mark.skipif(host_memory._LIBC is None, reason="glibc only: elsewhere reuse_freed_memory changes nothing")
+def test_freed_block_is_reused_without_page_faults() -> None:
+    with reuse_freed_memory():
+        for _ in range(2):  # the heap grows (small objects may take the start of the first freed block)
+            _page_faults_of_new_block()
+        faults = [_page_faults_of_new_block() for _ in range(3)]
+    assert max(faults) < PAGES // 20, faults
+
+
+class _RecordingLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append(("mallopt", option, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_nested_contexts_restore_the_defaults_once_at_the_outermost_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = _RecordingLibc()
+    monkeypatch.setattr(host_memory, "_LIBC", libc)
+    keep = [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+    restore = [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
+    with reuse_freed_memory():
+        assert libc.calls == keep
+        with reuse_freed_memory():
+            pass
+        assert libc.calls == keep  # the inner exit leaves the setting on
+    assert libc.calls == keep + restore
+
+
+def test_defaults_come_back_when_the_body_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = _RecordingLibc()
+    monkeypatch.setattr(host_memory, "_LIBC", libc)
+    with pytest.raises(RuntimeError), reuse_freed_memory():
+        raise RuntimeError("boom")
+    assert libc.calls[-1] == ("malloc_trim", 0)
+    assert host_memory._depth == 0
+
+
+def test_no_glibc_means_no_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_memory, "_LIBC", None)
+
+    @reuse_freed_memory()
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert double(3) == 6
