@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mednets.models import create_model
-from mednets.models.blocks import InstanceNorm, conv, global_average_pool, instance_norms_as_group_norms, max_pool
+from mednets.models.blocks import (
+    InstanceNorm,
+    average_pool,
+    conv,
+    global_average_pool,
+    instance_norms_as_group_norms,
+    max_pool,
+)
 
 
 @pytest.mark.parametrize("depth", [2, 3])
@@ -123,3 +131,28 @@ def test_global_average_pool_equals_the_mean_and_its_gradient() -> None:
         low = global_average_pool(features.bfloat16())
     assert low.dtype == torch.bfloat16
     assert torch.allclose(low.float(), features.bfloat16().float().mean(dim=(2, 3, 4)), rtol=4e-3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "rate"), [((2, 3, 12), 2), ((1, 2, 8, 12), 4), ((2, 3, 8, 4, 12), 2), ((1, 2, 9, 8, 7), 2)]
+)
+def test_average_pool_equals_the_adaptive_pool_with_ceil_sizes_and_its_gradient(
+    shape: tuple[int, ...], rate: int
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    size = [-(-n // rate) for n in shape[2:]]
+    adaptive = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}[len(shape)]
+    assert torch.allclose(average_pool(x, rate), adaptive(x, size), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: average_pool(v, rate), (x,))  # the strided path's own backward
+
+
+def test_average_pool_of_bf16_channels_last_rounds_once_and_keeps_dtype_and_layout() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 16, 16, 16).to(memory_format=torch.channels_last_3d)
+    low = x.bfloat16()
+    pooled = average_pool(low, 4)
+    reference = F.adaptive_avg_pool3d(low.double(), [4, 4, 4])  # the exact mean of the bf16 values
+    assert pooled.dtype == torch.bfloat16 and pooled.shape == (2, 16, 4, 4, 4)
+    assert pooled.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(pooled, reference.bfloat16())  # summed in float32, rounded once

@@ -20,6 +20,7 @@ from mednets.models.lhanet import (
     LHANet,
     LightweightBackbone,
     OrganSizeAwareDecoder,
+    OrganSizePaths,
     ResNet3D18Backbone,
 )
 from mednets.reports.measure import run_measured
@@ -97,6 +98,21 @@ def test_pmsa_progressive_fusion_carries_coarse_scales_into_finer_ones() -> None
         pmsa.progressive[0][0].weight.add_(0.5)  # the fusion of scale 0.5 into scale 0.75
         after = pmsa(x)
     assert (after - before).abs().max() > 1e-6
+
+
+def test_organ_size_paths_mix_is_the_gated_sum_of_the_paths_in_fp64_and_close_in_bf16() -> None:
+    torch.manual_seed(0)
+    paths = OrganSizePaths(3, 8).double()
+    x = torch.randn(2, 8, 16, 16, 16, dtype=torch.float64)
+    mixed, gates = paths(x)
+    reference = sum(gates[:, p : p + 1] * path(x) for p, path in enumerate(paths.paths))
+    assert torch.allclose(mixed, reference, atol=1e-12)
+    fast = paths.float().to(memory_format=torch.channels_last_3d)
+    features = x.float().contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = fast(features)
+    assert low.dtype == torch.bfloat16
+    assert (low.double() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 def test_hierarchical_pmsa_runs_four_levels_with_cross_level_flow() -> None:
