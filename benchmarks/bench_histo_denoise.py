@@ -78,6 +78,24 @@ def tune_nlm(noise: object, out: Path) -> dict:
     return best
 
 
+def print_by_noise(rows: dict[str, list[tuple[float, float]]], noises: list[str]) -> None:
+    """Mean PSNR gain over the noisy input per noise combination the tiles drew (mixtures only)."""
+    kinds = sorted(set(noises), key=lambda kind: (kind.count("+"), kind))
+    if len(kinds) < 2:
+        return
+    methods = [name for name in rows if name != "noisy input"]
+    noisy = np.array([psnr for psnr, _ in rows["noisy input"]])
+    print("\nBy the noise each tile drew: noisy PSNR and each method's mean PSNR gain over it (dB)\n")
+    print("| noise | tiles | noisy PSNR dB | " + " | ".join(methods) + " |")
+    print("|---|---|---|" + "---|" * len(methods))
+    for kind in kinds:
+        where = np.array([noise == kind for noise in noises])
+        gains = [np.mean(np.array([psnr for psnr, _ in rows[name]])[where] - noisy[where]) for name in methods]
+        print(
+            f"| {kind} | {where.sum()} | {noisy[where].mean():.2f} | " + " | ".join(f"{g:+.2f}" for g in gains) + " |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--noise", choices=list(NOISES), required=True)
@@ -139,6 +157,7 @@ def main() -> None:
         timing = f"{seconds[name] / len(tiles):.2f}" if name in seconds else "-"
         print(f"| {name} | {values_array[:, 0].mean():.2f} | {values_array[:, 1].mean():.3f} | {gain.mean():+.2f} | "
               f"{beats} | {timing} |")  # fmt: skip
+    print_by_noise(rows, [tile["noise"] for tile in tiles])
     if args.figure:
         picks = np.linspace(0, len(outputs) - 1, 4).round().astype(int)
         print("\nwrote", denoising_triplets([outputs[i] for i in picks], args.figure))

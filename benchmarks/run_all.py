@@ -4,7 +4,8 @@ Per model, batch 2 at the registry's input size: parameters, GFLOPs of one forwa
 (FlopCounterMode: convolutions and matrix products, a multiply-add = 2 FLOPs), forward (no grad, eval)
 and training-step time (train mode, forward + backward of a surrogate loss, the mean of every float
 output, + AdamW step), each in fp32 (default layout) and in bf16 autocast with the model and input in
-channels_last(_3d). The four timings of a model run interleaved in one process (A B C D A B C D ...),
+channels_last(_3d); every pass keeps freed host memory for reuse (`reuse_freed_memory`), as
+`mednets train` and `mednets predict` run. The four timings of a model run interleaved in one process (A B C D A B C D ...),
 median of `--repeats` after one warm-up. Peak memory is measured separately, each pass in a fresh
 child process (`mednets.reports.measure.run_measured`, resident memory above the child's baseline).
 Achieved GFLOP/s (forward FLOPs / forward time) is shown as a share of this machine's peaks measured
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from mednets.atomic import atomic_write_text
+from mednets.engine.host_memory import reuse_freed_memory
 from mednets.models import create_model, get_model_spec, list_models
 from mednets.models.base import memory_format_for
 from mednets.reports.measure import (
@@ -85,16 +87,17 @@ def _passes(model: torch.nn.Module, x: torch.Tensor, fast: bool) -> dict[str, Ca
 
     def forward() -> None:
         model.eval()
-        with torch.no_grad(), precision():
+        with torch.no_grad(), precision(), reuse_freed_memory():
             model(x)
 
     def train_step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        with precision():
-            loss = _surrogate_loss(model(x))
-        loss.backward()
-        optimizer.step()
+        with reuse_freed_memory():
+            with precision():
+                loss = _surrogate_loss(model(x))
+            loss.backward()
+            optimizer.step()
 
     return {"forward": forward, "training step": train_step}
 

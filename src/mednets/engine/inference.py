@@ -194,7 +194,6 @@ def _averaged(
     return totals
 
 
-@reuse_freed_memory()  # the scan's full-size buffers as well as the network's activations
 def predict_volume(
     run: LoadedRun,
     volume: Volume,
@@ -239,7 +238,7 @@ def predict_volume(
     autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32)
     structure_ids = list(run.structures.values())
     sidecar: dict[str, dict[str, Any]] = {}
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, reuse_freed_memory():  # the network's activations, not the scan's buffers
         if run.absence_aware:
             fill = float(_window(np.array([AIR_HU]), prep["hu_window"])[0])
             grid_image, offsets = _centre_pad_crop(image, prep["grid"], fill)

@@ -3,8 +3,9 @@
 The loop knows no model: a `Task` turns outputs into losses and metrics. It runs AdamW with linear
 warm-up and cosine decay, gradient accumulation and clipping, bf16 autocast (CPU and CUDA) or fp16
 with a GradScaler (CUDA), channels-last, gradient checkpointing, a step and a time budget, and DDP
-when launched by `torchrun`. Resuming restores weights, optimizer, scheduler, RNG states and the
-position in the data order, so a resumed run ends where an uninterrupted one would.
+when launched by `torchrun`; freed host memory is kept for reuse while it trains (`engine.host_memory`:
+no page faults on every step's activations). Resuming restores weights, optimizer, scheduler, RNG
+states and the position in the data order, so a resumed run ends where an uninterrupted one would.
 
 Run folder: `config.yaml`, `metrics.csv`, `tensorboard/`, `checkpoints/last/`, `checkpoints/best/`.
 """
@@ -31,6 +32,7 @@ from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, save_config
 from mednets.engine.checkpoints import load_model_weights, load_trainer_state, save_checkpoint
 from mednets.engine.distributed import DistributedContext, all_reduce_sum, barrier
+from mednets.engine.host_memory import reuse_freed_memory
 from mednets.errors import CheckpointError, ConfigError, TrainingError
 from mednets.models.base import memory_format_for
 from mednets.tasks import Task
@@ -392,6 +394,7 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
+    @reuse_freed_memory()  # every step's activations reuse the last step's memory: no page faults
     def fit(self, *, resume: bool = False, stop_after_step: int | None = None) -> dict[str, Any]:
         """Train until `max_steps`, the time budget, or `stop_after_step` (a simulated interruption).
 
