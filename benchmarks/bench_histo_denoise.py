@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="of the autoencoders")
     parser.add_argument("--keep-mean-colour", action="store_true",
                         help="also score each run with `denoise_array(keep_mean_colour=True)` (a second row)")  # fmt: skip
+    parser.add_argument("--ceiling", action="store_true", help="also score each run on the clean tiles")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.tune_nlm:
@@ -158,6 +159,16 @@ def main() -> None:
         print(f"| {name} | {values_array[:, 0].mean():.2f} | {values_array[:, 1].mean():.3f} | {gain.mean():+.2f} | "
               f"{beats} | {timing} |")  # fmt: skip
     print_by_noise(rows, [tile["noise"] for tile in tiles])
+    if args.ceiling:
+        print("\nEach run given the clean tiles (no noise): how closely it can reproduce a tile at all\n")
+        print("| method | PSNR dB | SSIM |")
+        print("|---|---|---|")
+        for name, method in methods.items():
+            if not name.startswith("NLM"):
+                clean_scores = np.array(
+                    [scores(method(tile["target"].numpy()), tile["target"].numpy()) for tile in tiles]
+                )
+                print(f"| {name} | {clean_scores[:, 0].mean():.2f} | {clean_scores[:, 1].mean():.3f} |")
     if args.figure:
         picks = np.linspace(0, len(outputs) - 1, 4).round().astype(int)
         print("\nwrote", denoising_triplets([outputs[i] for i in picks], args.figure))
