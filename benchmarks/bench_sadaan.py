@@ -12,7 +12,8 @@ of a fresh child process above its baseline while it builds the model and runs e
 (`mednets.reports.measure.run_measured`), so it counts weights, gradients, Adam state and
 activations. Ratios are to row 1 (higher is better). Row 1 is the seed's way, run as the seed runs
 (glibc's default allocator); mednets' rows keep freed host memory for reuse, as `mednets train` does
-(`mednets.engine.host_memory`), and an extra row gives row 1 the same setting. A second table adds the model's gradient-checkpointing
+(`train.keep_freed_memory`, on by default), and extra rows give row 1 the same setting and take
+it from row 3. A second table adds the model's gradient-checkpointing
 switch to row 3 (not one of the issue's rows); a third times the `sadaan_fast` preset.
 
 Run: `flock /tmp/mednets-heavy.lock .venv/bin/python benchmarks/bench_sadaan.py` (about 10 minutes on
@@ -54,11 +55,13 @@ SEED_ROWS = (
     Setting("efficient head, bf16 + channels_last_3d", "sadaan", False, True),
 )
 # Not among the issue's three rows, shown separately with ratios to row 1: the model's
-# gradient-checkpointing switch on top of row 3 (its recompute cost and the memory it saves), and
-# row 1 with freed memory kept (how much of the speed-up is the allocator setting alone).
+# gradient-checkpointing switch on top of row 3 (its recompute cost and the memory it saves), row 1
+# with freed memory kept (how much of the speed-up is the allocator setting alone), and row 3 with
+# it off (`train.keep_freed_memory: false`: the memory it costs).
 EXTRA_ROWS = (
     Setting("row 3 + gradient checkpointing", "sadaan", False, True, checkpointing=True),
     Setting("row 1 with freed memory kept for reuse", "sadaan", True, False),
+    Setting("row 3 with freed memory returned (keep_freed_memory: false)", "sadaan", False, True, keep_memory=False),
 )
 FAST_ROWS = (Setting("sadaan_fast (13 structures), bf16 + channels_last_3d", "sadaan_fast", False, True),)
 
@@ -124,14 +127,14 @@ def _row(setting: Setting, args: argparse.Namespace) -> dict[str, float]:
 
 def _print_table(rows: list[tuple[Setting, dict[str, float]]], reference: dict[str, float] | None = None) -> None:
     """Markdown table; with a `reference` row's figures, ratios to it (speed-up and memory saving)."""
-    header = f"| {'setting':<52} | forward s | forward peak MB | train step s | train step peak MB |"
+    header = f"| {'setting':<60} | forward s | forward peak MB | train step s | train step peak MB |"
     if reference is not None:
         header += " step speed-up | step memory saving | forward speed-up | forward memory saving |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     first = reference
     for setting, r in rows:
-        line = f"| {setting.label:<52} | {r['fwd_s']:9.2f} | {r['fwd_mb']:15.0f} | {r['step_s']:12.2f} | {r['step_mb']:18.0f} |"
+        line = f"| {setting.label:<60} | {r['fwd_s']:9.2f} | {r['fwd_mb']:15.0f} | {r['step_s']:12.2f} | {r['step_mb']:18.0f} |"
         if first is not None:
             line += (
                 f" {first['step_s'] / r['step_s']:12.2f}x | {first['step_mb'] / r['step_mb']:17.2f}x |"

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mednets.config import load_config
+from mednets.engine import host_memory
 from mednets.engine.checkpoints import load_model_weights, load_trainer_state
 from mednets.engine.distributed import init_distributed, shutdown_distributed
 from mednets.engine.trainer import EpochSampler, Trainer
@@ -214,3 +215,27 @@ def test_time_budget_stops_early_and_validates_once(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows if r.get("val/dice")] == [1]
     assert (tmp_path / "checkpoints" / "last").is_dir()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_freed_memory_switches_the_allocator_setting_for_the_fit_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    calls: list[tuple[str, int]] = []
+
+    class RecordingLibc:
+        def mallopt(self, option: int, value: int) -> int:
+            calls.append(("mallopt", option))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("malloc_trim", pad))
+            return 1
+
+    monkeypatch.setattr(host_memory, "_LIBC", RecordingLibc())
+    config = make_config(tmp_path, max_steps=2, val_every=2, keep_freed_memory=str(keep).lower())
+    assert make_trainer(tmp_path, config).fit()["state"]["step"] == 2
+    # on: the setting once on entry and the defaults plus a trim on exit; off: glibc left alone
+    assert calls == (
+        [("mallopt", -4), ("mallopt", -1), ("mallopt", -4), ("mallopt", -1), ("malloc_trim", 0)] if keep else []
+    )

@@ -3,9 +3,10 @@
 The loop knows no model: a `Task` turns outputs into losses and metrics. It runs AdamW with linear
 warm-up and cosine decay, gradient accumulation and clipping, bf16 autocast (CPU and CUDA) or fp16
 with a GradScaler (CUDA), channels-last, gradient checkpointing, a step and a time budget, and DDP
-when launched by `torchrun`; freed host memory is kept for reuse while it trains (`engine.host_memory`:
-no page faults on every step's activations). Resuming restores weights, optimizer, scheduler, RNG
-states and the position in the data order, so a resumed run ends where an uninterrupted one would.
+when launched by `torchrun`; freed host memory is kept for reuse while it trains
+(`train.keep_freed_memory`, `engine.host_memory`: no page faults on every step's activations).
+Resuming restores weights, optimizer, scheduler, RNG states and the position in the data order, so
+a resumed run ends where an uninterrupted one would.
 
 Run folder: `config.yaml`, `metrics.csv`, `tensorboard/`, `checkpoints/last/`, `checkpoints/best/`.
 """
@@ -394,13 +395,17 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
-    @reuse_freed_memory()  # every step's activations reuse the last step's memory: no page faults
     def fit(self, *, resume: bool = False, stop_after_step: int | None = None) -> dict[str, Any]:
         """Train until `max_steps`, the time budget, or `stop_after_step` (a simulated interruption).
 
         Returns:
             The final state and the last validation metrics.
         """
+        keep = reuse_freed_memory() if self.config.train.keep_freed_memory else contextlib.nullcontext()
+        with keep:  # every step's activations reuse the last step's memory: no page faults
+            return self._fit(resume=resume, stop_after_step=stop_after_step)
+
+    def _fit(self, *, resume: bool, stop_after_step: int | None) -> dict[str, Any]:
         settings = self.config.train
         if resume:
             self.resume()
