@@ -12,7 +12,9 @@ Baseline: scikit-image's non-local means, sigma from `estimate_sigma`, with `pat
 Rows: the noisy input, NLM, and each run (`mednets denoise`'s path: `denoise_array`, bf16; with
 `--keep-mean-colour` a second row per run gives each tile the noisy tile's mean colour). PSNR and
 SSIM (`mednets.metrics`) are means over tiles; "gain" is the mean PSNR gain over the noisy input;
-"beats NLM" counts tiles where the method has both higher PSNR and higher SSIM than NLM.
+"beats NLM" counts tiles where the method has both higher PSNR and higher SSIM than NLM. For a noise
+mixture a second table gives each method's mean gain per combination of noises the tiles drew;
+`--ceiling` scores each run on the clean tiles too (how closely it can reproduce a tile at all).
 
 Run (each step under the heavy-job lock):
 

@@ -4,8 +4,8 @@ Per model, batch 2 at the registry's input size: parameters, GFLOPs of one forwa
 (FlopCounterMode: convolutions and matrix products, a multiply-add = 2 FLOPs), forward (no grad, eval)
 and training-step time (train mode, forward + backward of a surrogate loss, the mean of every float
 output, + AdamW step), each in fp32 (default layout) and in bf16 autocast with the model and input in
-channels_last(_3d); every pass keeps freed host memory for reuse (`reuse_freed_memory`), as
-`mednets train` and `mednets predict` run. The four timings of a model run interleaved in one process (A B C D A B C D ...),
+channels_last(_3d), with freed host memory kept for reuse (`reuse_freed_memory`) around all the passes
+of a measurement, as `mednets train` and `mednets predict` run. The four timings of a model run interleaved in one process (A B C D A B C D ...),
 median of `--repeats` after one warm-up. Peak memory is measured separately, each pass in a fresh
 child process (`mednets.reports.measure.run_measured`, resident memory above the child's baseline).
 Achieved GFLOP/s (forward FLOPs / forward time) is shown as a share of this machine's peaks measured
@@ -87,17 +87,16 @@ def _passes(model: torch.nn.Module, x: torch.Tensor, fast: bool) -> dict[str, Ca
 
     def forward() -> None:
         model.eval()
-        with torch.no_grad(), precision(), reuse_freed_memory():
+        with torch.no_grad(), precision():
             model(x)
 
     def train_step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        with reuse_freed_memory():
-            with precision():
-                loss = _surrogate_loss(model(x))
-            loss.backward()
-            optimizer.step()
+        with precision():
+            loss = _surrogate_loss(model(x))
+        loss.backward()
+        optimizer.step()
 
     return {"forward": forward, "training step": train_step}
 
@@ -106,8 +105,9 @@ def measured_pass(name: str, tiny: bool, fast: bool, kind: str, checkpointing: b
     """One warm-up and one timed call of a pass (run in a child process for its peak memory)."""
     model, x = _build(name, tiny, fast, checkpointing)
     run = _passes(model, x, fast)[kind]
-    run()
-    run()
+    with reuse_freed_memory():
+        run()
+        run()
 
 
 def bench_model(name: str, tiny: bool, repeats: int, peaks: dict[str, float]) -> list[str]:
@@ -120,7 +120,8 @@ def bench_model(name: str, tiny: bool, repeats: int, peaks: dict[str, float]) ->
     for variant, (model, inputs) in zip(VARIANTS, ((model_fp32, x), (model_fast, x_fast)), strict=True):
         for kind, fn in _passes(model, inputs, fast=variant != "fp32").items():
             functions[(variant, kind)] = fn
-    times = interleaved_medians(functions, repeats)  # type: ignore[arg-type]
+    with reuse_freed_memory():  # one context around all passes: warm, as in a training run
+        times = interleaved_medians(functions, repeats)  # type: ignore[arg-type]
     size = "x".join(map(str, x.shape))
     rows = []
     for variant in VARIANTS:
@@ -176,7 +177,8 @@ def checkpointing_table(models: list[str], tiny: bool, repeats: int) -> str:
         for fast, checkpointing in variants:
             model, x = _build(name, tiny, fast, checkpointing)
             functions[(fast, checkpointing)] = _passes(model, x, fast)["training step"]
-        times = interleaved_medians(functions, repeats)  # type: ignore[arg-type]
+        with reuse_freed_memory():  # one context around all passes: warm, as in a training run
+            times = interleaved_medians(functions, repeats)  # type: ignore[arg-type]
         memory = {
             (fast, ckpt): run_measured(measured_pass, name, tiny, fast, "training step", ckpt).peak_mb
             for fast, ckpt in variants
