@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mednets.engine.host_memory import reuse_freed_memory
-from mednets.reports.measure import machine_description, run_measured
+from mednets.reports.measure import machine_description, median_time, run_measured
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import _network, _volume  # the same networks and phantom
@@ -34,14 +34,8 @@ from bench_inference import _network, _volume  # the same networks and phantom
 
 def _timed(run: Callable[[], object], keep: bool, repeats: int) -> float:
     """Median seconds of `run()` over `repeats` calls after one warm-up, the setting on or off throughout."""
-    times = []
     with reuse_freed_memory() if keep else contextlib.nullcontext():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            run()
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(run, repeats=repeats, warmup=1)
 
 
 def forward_pass(model_name: str, keep: bool, repeats: int) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ import torch
 from mednets.engine.host_memory import reuse_freed_memory
 from mednets.losses import SpatialAttentionLoss
 from mednets.models import create_model
-from mednets.reports.measure import run_measured
+from mednets.reports.measure import median_time, run_measured
 
 
 @dataclass(frozen=True)
@@ -109,14 +108,8 @@ def _measure(setting: Setting, mode: str, batch: int, warmup: int, repeats: int)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    times = []
     with reuse_freed_memory() if setting.keep_memory else contextlib.nullcontext():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            run()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(run, repeats=repeats, warmup=warmup)
 
 
 def _row(setting: Setting, args: argparse.Namespace) -> dict[str, float]:
