@@ -21,7 +21,7 @@ from mednets.reports.measure import machine_description, median_time, run_measur
 def train_steps(checkpointing: bool, batch: int, size: int, repeats: int) -> float:
     """Median seconds per Adam step of UNet on random data (runs in the measuring child)."""
     torch.manual_seed(0)
-    model = create_model("unet", n_channels=3, n_classes=1).set_gradient_checkpointing(checkpointing).train()
+    model = create_model("unet", in_channels=3, out_channels=1).set_gradient_checkpointing(checkpointing).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size)
     masks = (torch.rand(batch, 1, size, size) > 0.5).float()

@@ -38,10 +38,10 @@ import torch
 from skimage.restoration import denoise_nl_means, estimate_sigma
 
 from mednets.data.histology import NoiseMixture, NoisyTiles, default_training_image, read_rgb
-from mednets.data.images2d import list_image_files
+from mednets.data.io import list_image_files
 from mednets.engine.denoise import denoise_array, load_denoiser
 from mednets.metrics import psnr, ssim
-from mednets.reports.run_report_2d import denoising_triplets
+from mednets.reports.sample_figures import denoising_triplets
 
 NOISES = {"gaussian": [{"model": "gaussian", "sigma": 0.1}], "seed": "seed"}
 HELD_OUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "histology"

@@ -1,4 +1,4 @@
-"""What keeping freed host memory (`mednets.engine.host_memory.reuse_freed_memory`) buys, and costs.
+"""What keeping freed host memory (`mednets.host_memory.reuse_freed_memory`) buys, and costs.
 
 Each row is measured twice, with glibc's default allocator and with freed memory kept for reuse, in
 fresh child processes alternated A B A B (`mednets.reports.measure.run_measured`: peak resident
@@ -6,7 +6,7 @@ memory above the child's baseline). A child builds the model, runs one warm-up a
 passes and returns their median time. Rows:
 
 - the bf16 + channels_last_3d forward of a registered 3D model at [2, 1, 64, 64, 64] (random weights);
-- `sliding_window_logits` over a 160³ phantom with a trained run (``--run LABEL=RUN_DIR``), as
+- `sliding_window` over a 160³ phantom with a trained run (``--run LABEL=RUN_DIR``), as
   `bench_inference.py` runs it (overlap 0.5, 2 windows per pass, bf16 + channels_last_3d).
 
     flock /tmp/mednets-heavy.lock .venv/bin/python benchmarks/bench_host_memory.py \\
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mednets.engine.host_memory import reuse_freed_memory
+from mednets.host_memory import reuse_freed_memory
 from mednets.reports.measure import machine_description, median_time, run_measured
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,16 +52,16 @@ def forward_pass(model_name: str, keep: bool, repeats: int) -> float:
 
 
 def sliding_window(item: str, keep: bool, repeats: int) -> float:
-    """Child process: `sliding_window_logits` over a 160³ phantom with the run `item` (LABEL=RUN_DIR)."""
-    from mednets.engine import host_memory
-    from mednets.engine.sliding_window import sliding_window_logits
+    """Child process: `sliding_window` over a 160³ phantom with the run `item` (LABEL=RUN_DIR)."""
+    from mednets import host_memory
+    from mednets.engine.sliding_window import sliding_window
 
     _, model, patch, window = _network(item, (64, 64, 64))
     model = model.to(memory_format=torch.channels_last_3d)
     image = _volume(160, window)
-    if not keep:  # sliding_window_logits turns the setting on itself: off means no glibc handle at all
+    if not keep:  # sliding_window turns the setting on itself: off means no glibc handle at all
         host_memory._LIBC = None
-    return _timed(lambda: sliding_window_logits(model, image, patch, overlap=0.5, batch_size=2), keep, repeats)
+    return _timed(lambda: sliding_window(model, image, patch, overlap=0.5, batch_size=2), keep, repeats)
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ network's training patch, overlap 0.5, gaussian blending. Rows, timed interleave
 median of ``--repeats`` passes after one warm-up:
 
 - MONAI: ``sliding_window_inference(sw_batch_size=1, mode="gaussian")``, fp32, default memory format;
-- mednets: ``sliding_window_logits`` in bf16 + channels_last_3d, ``--batch-size`` windows per pass;
+- mednets: ``sliding_window`` in bf16 + channels_last_3d, ``--batch-size`` windows per pass;
 - network only: the same number of bf16 window forwards alone, so the blending cost is their difference
-  (with freed memory kept for reuse, as `sliding_window_logits` runs them);
+  (with freed memory kept for reuse, as `sliding_window` runs them);
 - MONAI, memory kept: MONAI's fp32 default again inside `reuse_freed_memory()`, to show how much of
   the speed-up is the allocator setting rather than bf16, channels-last and batching.
 
@@ -17,7 +17,7 @@ FLOPs of one window forward x windows / network-only time) is shown as a fractio
 the share of voxels whose argmax equals the fp32 MONAI result.
 
 A second table (`--knobs`, the first `--run`) prices `mednets predict`'s knobs end to end on the same
-phantom given the run's voxel spacing (so the whole ``--size``³ grid is windowed): `predict_volume`
+phantom given the run's voxel spacing (so the whole ``--size``³ grid is windowed): `predict_image`
 with the default (overlap 0.5, 2 windows per batch, bf16, no TTA) against one change at a time, timed
 interleaved, with the share of voxels labelled as by the default.
 
@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from mednets.data.io import Volume
 from mednets.data.phantoms import PhantomConfig, generate_phantom
-from mednets.engine.host_memory import reuse_freed_memory
-from mednets.engine.inference import load_run, predict_volume
-from mednets.engine.sliding_window import sliding_window_logits, window_starts
+from mednets.data.volume import Volume
+from mednets.engine.inference import load_run, predict_image
+from mednets.engine.sliding_window import sliding_window, window_starts
+from mednets.host_memory import reuse_freed_memory
 from mednets.models import create_model
 from mednets.reports.measure import conv3d_peaks, count_flops, interleaved_medians, machine_description
 
@@ -63,8 +63,8 @@ def _network(item: str, patch: tuple[int, ...]) -> tuple[str, torch.nn.Module, t
     if "=" in item:
         label, run_dir = item.split("=", 1)
         run = load_run(run_dir)
-        window = tuple(run.preprocessing["hu_window"] or HU_WINDOW)
-        return label, run.model, tuple(run.preprocessing["patch_size"]), window  # type: ignore[return-value]
+        window = tuple(run.preprocessing.hu_window or HU_WINDOW)
+        return label, run.model, tuple(run.preprocessing.patch_size), window  # type: ignore[return-value]
     torch.manual_seed(0)
     model = create_model(item).eval()  # the registry default: 14 classes
     return f"{item} (untrained)", model, patch, HU_WINDOW
@@ -95,7 +95,7 @@ def _row(
             return monai()
 
     def mednets() -> torch.Tensor:
-        return sliding_window_logits(fast_model, image, patch, overlap=0.5, batch_size=batch_size)
+        return sliding_window(fast_model, image, patch, overlap=0.5, batch_size=batch_size)
 
     def network_only() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), reuse_freed_memory():
@@ -113,11 +113,11 @@ def _row(
 
 
 def knob_table(run_dir: str, size: int, repeats: int) -> str:
-    """`predict_volume` with its defaults against one knob changed at a time (seconds, ratio, agreement)."""
+    """`predict_image` with its defaults against one knob changed at a time (seconds, ratio, agreement)."""
     run = load_run(run_dir)
     phantom = generate_phantom(0, PhantomConfig(shape=(size, size, size)))
     affine = phantom.affine.copy()
-    spacing = np.asarray(run.preprocessing["spacing_mm"], dtype=np.float64)[::-1]  # x, y, z = W, H, D
+    spacing = np.asarray(run.preprocessing.spacing_mm, dtype=np.float64)[::-1]  # x, y, z = W, H, D
     affine[:3, :3] = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0) * spacing
     volume = Volume(phantom.image.astype(np.int16), affine)
     knobs: dict[str, dict[str, object]] = {
@@ -126,15 +126,15 @@ def knob_table(run_dir: str, size: int, repeats: int) -> str:
         "overlap 0.75": {"overlap": 0.75},
         "batch 1": {"batch_size": 1},
         "batch 4": {"batch_size": 4},
-        "TTA: flips along D, H and W (4 passes)": {"tta_axes": (0, 1, 2)},
-        "fp32 (no autocast)": {"dtype": torch.float32},
-        "scores accumulated in bfloat16": {"accumulate_dtype": torch.bfloat16},
+        "TTA: flips along D, H and W (4 passes)": {"tta": (0, 1, 2)},
+        "fp32 (no autocast)": {"precision": "fp32"},
+        "scores accumulated in bfloat16": {"accumulate_dtype": "bfloat16"},
     }
     labels: dict[str, np.ndarray] = {}
 
     def predictor(name: str, options: dict[str, object]) -> Callable[[], None]:
         def predict() -> None:
-            labels[name] = predict_volume(run, volume, **options).labels  # type: ignore[arg-type]
+            labels[name] = predict_image(run, volume, **options).labels  # type: ignore[arg-type]
 
         return predict
 

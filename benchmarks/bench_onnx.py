@@ -46,7 +46,7 @@ THREADS = 2
 BENCHMARKS = {
     "lhanet_lightweight": ({}, (1, 1, *get_model_spec("lhanet_lightweight").input_size)),
     "dynunet": ({}, (1, 1, *get_model_spec("dynunet").input_size)),
-    "unet": ({"n_channels": 1}, (1, 1, 256, 256)),
+    "unet": ({"in_channels": 1}, (1, 1, 256, 256)),
 }
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mednets.engine.host_memory import reuse_freed_memory
+from mednets.host_memory import reuse_freed_memory
 from mednets.losses import SpatialAttentionLoss
 from mednets.models import create_model
 from mednets.reports.measure import median_time, run_measured

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mednets.data.dataset2d import load_dataset_2d, read_case_2d
-from mednets.data.images2d import read_image_2d
-from mednets.engine.inference import load_run
-from mednets.engine.predict2d import predict_image_2d
+from mednets.data.dataset import load_dataset
+from mednets.data.io import read_any
+from mednets.data.transforms import LoadVolumed
+from mednets.engine.inference import load_run, predict_image
 from mednets.metrics import score_structures
-from mednets.reports.run_report_2d import segmentation_overlays
+from mednets.reports.sample_figures import segmentation_overlays
 
 
 def main() -> None:
@@ -36,15 +36,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     run = load_run(args.run)
-    dataset = load_dataset_2d(args.test)
-    hu_window = run.preprocessing["hu_window"]
+    dataset = load_dataset(args.test)
+    loader = LoadVolumed(["image", "label"], channel_names=dataset.channel_names, hu_window=run.preprocessing.hu_window)
     per_structure: dict[str, list[float]] = {name: [] for name in run.structures}
     case_dice, samples, seconds = [], [], 0.0
     for case in dataset.training:
         start = time.perf_counter()
-        prediction = predict_image_2d(run, read_image_2d(case.images[0]).array, source=str(case.images[0]))
+        prediction = predict_image(run, read_any(case.images[0])).labels
         seconds += time.perf_counter() - start
-        image, truth = read_case_2d(dataset, case, hu_window)
+        record = loader(dataset.records([case.case_id])[0])
+        image, truth = np.asarray(record["image"]), np.asarray(record["label"])[0].astype(np.int64)
         scores = score_structures(prediction, truth, run.structures, (1.0, 1.0))
         dices = [s.dice for s in scores.values() if s.dice is not None]
         for name, score in scores.items():

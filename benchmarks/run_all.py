@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from mednets.atomic import atomic_write_text
-from mednets.engine.host_memory import reuse_freed_memory
+from mednets.host_memory import reuse_freed_memory
 from mednets.models import create_model, get_model_spec, list_models
 from mednets.models.base import memory_format_for
 from mednets.reports.measure import (

@@ -24,9 +24,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mednets import anatomy
-from mednets.data.io import Volume, read_volume
+from mednets.data.io import read_volume
 from mednets.data.labels import convert_labels
 from mednets.data.phantoms import PhantomConfig, generate_phantom
+from mednets.data.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = ROOT.parent / "shared" / "data" / "ct"

@@ -16,6 +16,7 @@ from mednets.errors import UnknownNameError
 
 __all__ = [
     "BACKGROUND",
+    "MIN_VOXELS",
     "ORGANS",
     "Organ",
     "left_right_pairs",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 BACKGROUND = 0
+# A structure counts as present when its mask has at least this many voxels (datasets, phantoms and
+# evaluation alike): a few stray voxels at a field-of-view edge are not an organ.
+MIN_VOXELS = 10
 
 
 @dataclass(frozen=True)

@@ -250,50 +250,53 @@ def evaluate_command(
 def predict_command(
     run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train`.")],
     inputs: Annotated[
-        list[Path], typer.Option("--input", help="Scan file, folder of scans, or DICOM folder (repeatable).")
+        list[Path], typer.Option("--input", help="Image or scan file, folder of them, or DICOM folder (repeatable).")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for <case>.nii.gz and <case>.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for <case> label maps and <case>.json.")],
     tta: Annotated[
-        bool, typer.Option("--tta", help="Average flips along the axes training augmented (slower).")
-    ] = False,
-    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap.")] = 0.5,
-    gating: Annotated[bool, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = True,
+        bool | None, typer.Option("--tta/--no-tta", help="Average flips along the axes training augmented (slower).")
+    ] = None,
+    overlap: Annotated[
+        float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap, a fraction.")
+    ] = None,
+    gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sliding windows per forward pass.")] = 2,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Sliding windows per forward pass.")
+    ] = None,
     accumulate_device: Annotated[
-        str, typer.Option("--accumulate-device", help="Device holding the blended full-volume scores (cpu, cuda).")
-    ] = "cpu",
+        str | None, typer.Option("--accumulate-device", help="Device holding the blended full-size scores (cpu, cuda).")
+    ] = None,
     accumulate_dtype: Annotated[
-        str, typer.Option("--accumulate-dtype", help="float32 or bfloat16 (half the memory) for the blended scores.")
-    ] = "float32",
-    precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
+        str | None,
+        typer.Option("--accumulate-dtype", help="float32 or bfloat16 (half the memory) for the blended scores."),
+    ] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = None,
     min_volume_fraction: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--min-volume-fraction",
             min=0.0,
             help="Empty a structure painted with less than this fraction of its smallest volume in training (0: off).",
         ),
-    ] = 0.25,
+    ] = None,
 ) -> None:
-    """Segment scans (NIfTI, NRRD, MHA, DICOM): label maps with the input's geometry plus JSON sidecars."""
-    import torch
+    """Segment images and scans (NIfTI, NRRD, MHA, DICOM, PNG, TIFF): label maps with the input's geometry plus JSON sidecars.
 
-    from mednets.data.transforms import allowed_flip_axes
+    Options left out take the run's `inference` settings (its config.yaml).
+    """
     from mednets.engine.inference import load_run, predict_paths
 
+    if precision not in (None, "bf16", "fp32"):
+        raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
+    if accumulate_dtype not in (None, "float32", "bfloat16"):
+        raise ConfigError("invalid value", source="--accumulate-dtype", expected="float32 or bfloat16",
+                          got=accumulate_dtype)  # fmt: skip
     loaded = load_run(run, checkpoint=checkpoint, device=device)
-    tta_axes = allowed_flip_axes(list(loaded.structures)) if tta else []
-    if precision not in ("bf16", "fp32"):
-        raise typer.BadParameter("bf16 or fp32", param_hint="--precision")
-    if accumulate_dtype not in ("float32", "bfloat16"):
-        raise typer.BadParameter("float32 or bfloat16", param_hint="--accumulate-dtype")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    result = predict_paths(loaded, inputs, out, tta_axes=tta_axes, overlap=overlap, gating=gating, dtype=dtype,
+    result = predict_paths(loaded, inputs, out, tta=tta, overlap=overlap, gating=gating, precision=precision,
                            batch_size=batch_size, accumulate_device=accumulate_device,
-                           accumulate_dtype=getattr(torch, accumulate_dtype),
-                           min_volume_fraction=min_volume_fraction)  # fmt: skip
+                           accumulate_dtype=accumulate_dtype, min_volume_fraction=min_volume_fraction)  # fmt: skip
     for path in result["written"]:
         console.print(f"wrote {path}")
     for _path, message in result["failed"]:  # the message names the file
@@ -307,9 +310,11 @@ def denoise_command(
     source: Annotated[Path, typer.Argument(help="Image file (PNG, JPEG, TIFF, SVS level 0) or folder of images.")],
     target: Annotated[Path, typer.Argument(help="Output file (for one input file) or folder.")],
     run: Annotated[Path, typer.Option("--run", help="Denoising run folder made by `mednets train`.")],
-    tile: Annotated[int, typer.Option("--tile", min=16, help="Tile side in pixels.")] = 256,
-    overlap: Annotated[int, typer.Option("--overlap", min=3, help="Pixels shared by neighbouring tiles.")] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per forward pass.")] = 4,
+    patch_size: Annotated[int, typer.Option("--patch-size", min=16, help="Window side in pixels.")] = 256,
+    overlap: Annotated[
+        float, typer.Option("--overlap", min=0.0, max=0.95, help="Fraction of a window shared with its neighbour.")
+    ] = 0.25,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -322,14 +327,16 @@ def denoise_command(
         ),
     ] = False,
 ) -> None:
-    """Denoise images of any size with overlapping, seamlessly blended tiles; same format and bit depth out."""
+    """Denoise images of any size with overlapping, seamlessly blended windows; same format and bit depth out."""
     from mednets.engine.denoise import denoise_paths, load_denoiser
+    from mednets.engine.run import RunFolder
 
     if precision not in ("bf16", "fp32"):
         raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
     model = load_denoiser(run, checkpoint=checkpoint, device=device)
-    result = denoise_paths(model, source, target, tile=tile, overlap=overlap, margin=overlap // 4,
-                           batch_size=batch_size, precision=precision, keep_mean_colour=keep_mean_colour)  # fmt: skip
+    multiple = RunFolder(run).spec(checkpoint).size_multiple
+    result = denoise_paths(model, source, target, patch_size=patch_size, overlap=overlap, batch_size=batch_size,
+                           size_multiple=multiple, precision=precision, keep_mean_colour=keep_mean_colour)  # fmt: skip
     for path in result["written"]:
         console.print(f"wrote {path}")
     for _path, message in result["failed"]:  # the message names the file
@@ -338,8 +345,8 @@ def denoise_command(
         raise typer.Exit(1)
 
 
-@app.command("dataset2d")
-def dataset2d_command(
+@app.command("dataset-from-image")
+def dataset_from_image_command(
     image: Annotated[Path, typer.Option("--image", help="The image (grey or colour, PNG or TIFF).")],
     mask: Annotated[Path, typer.Option("--mask", help="Its label map, same size.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for train/ (left half) and test/ (right half).")],
@@ -348,8 +355,8 @@ def dataset2d_command(
     binary: Annotated[bool, typer.Option("--binary/--multi-label", help="Label = mask > 0.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output.")] = False,
 ) -> None:
-    """Split one image and its mask into 2D dataset folders: left half for training, right half for testing."""
-    from mednets.data.dataset2d import split_image_pair
+    """Split one image and its mask into dataset folders: left half for training, right half for testing."""
+    from mednets.data.convert import split_image_pair
 
     paths = split_image_pair(image, mask, out, structure=structure, channel_name=channel, binary=binary,
                              overwrite=overwrite)  # fmt: skip

@@ -24,6 +24,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "ExperimentConfig",
+    "InferenceConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -72,16 +73,15 @@ class DataConfig:
         phantoms: phantom settings used when `dataset` is None.
         val_fraction: share of the training cases held out for validation (seeded split).
         split_seed: seed of the split.
-        patch_size: patch size for patch-wise models; None feeds whole volumes resized to the model grid.
-        hu_window: intensity window (HU) mapped to [0, 1].
+        patch_size: the window of patch-wise models (training patches, prediction windows) and the tile
+            of denoising; None feeds whole images resized to the model grid.
+        hu_window: the CT window mapped to [0, 1] (`mednets.data.intensity`: channels named CT).
         spacing_mm: resample to this spacing first; None keeps the data's spacing.
-        min_voxels: a structure with fewer voxels counts as absent.
         augment: random flips (where anatomy allows), small rotations/scalings, intensity shifts.
         organ_removal_prob: probability that a training case loses one of `organ_removal`, erased
             from image and labels as if removed by surgery (`RandOrganRemovald`; 0 disables it).
         organ_removal: structure names that may be erased.
         num_workers: data-loader worker processes.
-        tile_size: tile size of 2D tasks.
         noise: noise of denoising tasks: "seed" (the seed's mixture) or a list of stages, e.g.
             `[{model: gaussian, sigma: 0.1}]` (`mednets.data.histology`).
         min_tissue: least share of tissue pixels in a histology tile.
@@ -95,12 +95,10 @@ class DataConfig:
     patch_size: tuple[int, ...] | None = None
     hu_window: tuple[float, float] = (-200.0, 300.0)
     spacing_mm: tuple[float, ...] | None = None
-    min_voxels: int = 10
     augment: bool = True
     organ_removal_prob: float = 0.0
     organ_removal: tuple[str, ...] = ("left_kidney", "right_kidney", "spleen", "gallbladder")
     num_workers: int = 0
-    tile_size: int = 128
     noise: str | tuple[dict[str, Any], ...] = "seed"
     min_tissue: float = 0.25
     stain_augment: float = 0.2
@@ -126,7 +124,7 @@ class TrainConfig:
         channels_last: channels-last memory format for model and inputs.
         gradient_checkpointing: recompute activations in the backward pass.
         keep_freed_memory: keep freed host memory for the next step instead of returning it to the
-            kernel (`engine.host_memory`, glibc): no page faults on every step's activations, a
+            kernel (`mednets.host_memory`, glibc): no page faults on every step's activations, a
             faster step on CPU (phantom SADAAn config 1.28-1.37 -> 1.03 s), at the cost of a higher
             peak RSS where many odd-sized buffers fragment the heap (SADAAn at the seed's size:
             about +800 MB). False returns memory as soon as it is freed.
@@ -158,19 +156,48 @@ class TrainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How the run's model predicts; saved with the run, and the command line's flags override it.
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour (patch-wise models).
+        tta: average over the flips the anatomy allows (test-time augmentation).
+        batch_size: windows per forward pass.
+        precision: "bf16" (autocast) or "fp32".
+        accumulate_device: where the blended full-size scores live (None: the CPU).
+        accumulate_dtype: their dtype, "float32" or "bfloat16" (half the memory).
+        min_volume_fraction: a structure painted with less than this share of its smallest training
+            volume is emptied as noise (0 turns the floor off).
+        gating: empty the structures a presence head judges absent.
+    """
+
+    overlap: float = 0.5
+    tta: bool = False
+    batch_size: int = 2
+    precision: str = "bf16"
+    accumulate_device: str | None = None
+    accumulate_dtype: str = "float32"
+    min_volume_fraction: float = 0.25
+    gating: bool = True
+
+
+@dataclass
 class ExperimentConfig:
-    """One experiment: model, data, loss settings and training loop."""
+    """One experiment: model, data, loss settings, training loop and inference settings."""
 
     name: str = "experiment"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 _CHOICES = {
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "best_mode"): ("max", "min"),
+    ("inference", "precision"): ("fp32", "bf16"),
+    ("inference", "accumulate_dtype"): ("float32", "bfloat16"),
 }
 
 

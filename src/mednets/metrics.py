@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
+from mednets import anatomy
 from mednets.errors import InvalidInputError
 
 __all__ = [
     "StructureScore",
+    "dice_per_class",
     "score_structures",
     "mean_defined",
     "presence_metrics",
@@ -53,6 +55,22 @@ class StructureScore:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def dice_per_class(labels: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice per sample and foreground class of label maps `[B, *S]`: `[B, K]`, NaN where the truth lacks the class.
+
+    The one Dice of mednets: `score_structures` and the tasks' validation metrics both use it.
+    """
+    dims = tuple(range(1, labels.ndim))
+    scores = []
+    for c in range(1, num_classes):
+        predicted, reference = labels == c, truth == c
+        overlap = (predicted & reference).sum(dims).float()
+        total = (predicted.sum(dims) + reference.sum(dims)).float()
+        dice = 2 * overlap / total.clamp_min(1)
+        scores.append(torch.where(reference.any(dim=dims), dice, torch.full_like(dice, float("nan"))))
+    return torch.stack(scores, 1)
 
 
 def _binary(mask: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -80,7 +98,7 @@ def score_structures(
     spacing_mm: Sequence[float],
     *,
     nsd_tolerance_mm: float = 2.0,
-    min_voxels: int = 1,
+    min_voxels: int = anatomy.MIN_VOXELS,
 ) -> dict[str, StructureScore]:
     """Score every structure of a label map against the truth.
 
@@ -113,7 +131,8 @@ def score_structures(
         in_truth, in_prediction = n_reference >= min_voxels, n_predicted > 0
         dice = hd95 = nsd = None
         if in_truth and in_prediction:
-            dice = 2.0 * float(np.logical_and(predicted, reference).sum()) / (n_predicted + n_reference)
+            pair = torch.stack([torch.from_numpy(predicted), torch.from_numpy(reference)]).to(torch.uint8)
+            dice = float(dice_per_class(pair[:1], pair[1:], 2)[0, 0])
             hd95, nsd = _surface_distances(predicted, reference, spacing_mm, nsd_tolerance_mm)
         elif in_truth:
             dice, hd95, nsd = 0.0, diagonal_mm, 0.0

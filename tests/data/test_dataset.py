@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mednets.data.dataset import kfold_splits, load_dataset, presence_targets, split_cases, validate_dataset
-from mednets.data.io import Volume, read_volume, write_volume
+from mednets.data.dataset import load_dataset, presence_targets, split_cases, validate_dataset
+from mednets.data.io import read_volume, write_volume
+from mednets.data.volume import Volume
 from mednets.errors import DatasetError
 
 
@@ -105,6 +106,3 @@ def test_splits_are_deterministic_and_disjoint() -> None:
     assert (train, val) == split_cases(list(reversed(ids)), val_fraction=0.25, seed=3)
     assert len(val) == 5 and not set(train) & set(val) and set(train) | set(val) == set(ids)
     assert split_cases(ids, val_fraction=0.25, seed=4) != (train, val)
-    folds = kfold_splits(ids, n_folds=5, seed=0)
-    assert sorted(case for fold in folds for case in fold["val"]) == ids
-    assert folds == kfold_splits(ids, n_folds=5, seed=0)

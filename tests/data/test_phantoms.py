@@ -51,7 +51,8 @@ def test_a_case_does_not_depend_on_how_many_are_drawn() -> None:
 
 
 def test_64_cube_case_under_one_second(tmp_path: Path) -> None:
-    from mednets.data.io import Volume, write_volume
+    from mednets.data.io import write_volume
+    from mednets.data.volume import Volume
 
     timings = []
     for index in range(3):

@@ -1,4 +1,4 @@
-"""MONAI pipelines: windowing, resampling, grid resize and inverse, presence-aware crops, augmentation."""
+"""MONAI pipelines: loading with normalisation, resampling, presence-aware crops, augmentation; decoding."""
 
 from __future__ import annotations
 
@@ -9,31 +9,35 @@ import pytest
 import torch
 
 from mednets.data.dataset import load_dataset
+from mednets.data.intensity import normalise
 from mednets.data.io import read_volume
 from mednets.data.transforms import (
-    GridResize,
     LoadVolumed,
     PresenceAwareCropd,
     RandOrganRemovald,
     allowed_flip_axes,
     augmentation,
-    claimed_labels,
-    ct_normalisation,
-    ct_segmentation_pipeline,
-    labels_from_logits,
     location_prior,
     resample_to_spacing,
-    smallest_claim_first,
+    segmentation_pipeline,
 )
 from mednets.errors import ConfigError
+from mednets.tasks.decoding import claimed_labels, labels_from_logits, smallest_claim_first
 
 
 def test_ct_window_maps_hu_to_unit_range() -> None:
     image = torch.tensor([[[[-1000.0, -175.0, 37.5, 250.0, 1500.0]]]])
-    out = ct_normalisation(hu_window=(-175.0, 250.0))({"image": image})["image"]
+    out = normalise(image, "CT", (-175.0, 250.0))
     np.testing.assert_allclose(np.asarray(out).ravel(), [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
     with pytest.raises(ConfigError):
-        ct_normalisation(hu_window=(100.0, 0.0))
+        normalise(image, "CT", (100.0, 0.0))
+
+
+def test_loading_normalises_each_channel_file_by_its_name(phantom_dataset: Path) -> None:
+    record = load_dataset(phantom_dataset).records(["phantom_000"])[0]
+    raw = LoadVolumed(["image"])(record)["image"]
+    windowed = LoadVolumed(["image"], channel_names=["CT"], hu_window=(-175.0, 250.0))(record)["image"]
+    np.testing.assert_allclose(np.asarray(windowed), np.asarray(normalise(raw, "CT", (-175.0, 250.0))), atol=1e-6)
 
 
 def test_load_and_resample_keep_geometry(phantom_dataset: Path) -> None:
@@ -48,22 +52,6 @@ def test_load_and_resample_keep_geometry(phantom_dataset: Path) -> None:
     assert set(np.unique(np.asarray(resampled["label"]))) <= set(np.unique(source.array))  # nearest: no new labels
     affine = np.asarray(resampled["image"].affine)
     np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [20.0, 10.0, 5.0], atol=1e-5)
-
-
-def test_grid_resize_inverse_restores_shape_labels_and_affine(phantom_dataset: Path) -> None:
-    label = read_volume(phantom_dataset / "labelsTr" / "phantom_001.nii.gz")
-    resize = GridResize((16, 16, 16))
-    small, record = resize.forward(torch.from_numpy(label.array[None].astype(np.int64)), labels=True)
-    assert tuple(small.shape) == (1, 16, 16, 16)
-    back = resize.inverse(small, record, labels=True)
-    assert tuple(back.shape[1:]) == label.array.shape
-    up, record2 = GridResize((64, 64, 64)).forward(torch.from_numpy(label.array[None]), labels=True)
-    np.testing.assert_array_equal(GridResize((64, 64, 64)).inverse(up, record2, labels=True)[0].numpy(), label.array)
-    grid_affine = resize.grid_affine(label.affine, label.array.shape)
-    np.testing.assert_allclose(resize.inverse_affine(grid_affine, label.array.shape), label.affine, atol=1e-9)
-    # The grid covers the same field of view: first and last voxel edges coincide.
-    corner = label.affine @ [-0.5, -0.5, -0.5, 1.0]
-    np.testing.assert_allclose(grid_affine @ [-0.5, -0.5, -0.5, 1.0], corner, atol=1e-9)
 
 
 def test_labels_from_logits_matches_full_resolution_argmax() -> None:
@@ -165,13 +153,13 @@ def test_augmentation_keeps_labels_integral_and_shapes() -> None:
 
 def test_full_pipeline_on_phantoms(phantom_dataset: Path) -> None:
     records = load_dataset(phantom_dataset).records()
-    out = ct_segmentation_pipeline(grid=(16, 16, 16), augment=False)(records[0])
+    out = segmentation_pipeline(grid=(16, 16, 16), hu_window=(-175.0, 250.0), augment=False)(records[0])
     assert tuple(out["image"].shape) == (1, 16, 16, 16)
     assert float(out["image"].min()) == 0.0 and float(out["image"].max()) == 1.0  # air and bone clip
-    augmented = ct_segmentation_pipeline(grid=(16, 16, 16))(records[0])
+    augmented = segmentation_pipeline(grid=(16, 16, 16))(records[0])
     assert tuple(augmented["label"].shape) == (1, 16, 16, 16)
     with pytest.raises(ConfigError):
-        ct_segmentation_pipeline(grid=(16, 16, 16), patch_size=(8, 8, 8))
+        segmentation_pipeline(grid=(16, 16, 16), patch_size=(8, 8, 8))
 
 
 def _two_organ_record() -> dict:

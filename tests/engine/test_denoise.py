@@ -25,8 +25,8 @@ def test_keeping_the_mean_colour_removes_a_cast_across_tiles() -> None:
     torch.manual_seed(0)
     image = 0.2 + 0.6 * torch.rand(3, 80, 72)  # several tiles; no clamping at 0 or 1
     model = _ColourCast().eval()
-    cast = denoise_array(model, image, tile=32, overlap=12, margin=3, precision="fp32")
-    kept = denoise_array(model, image, tile=32, overlap=12, margin=3, precision="fp32", keep_mean_colour=True)
+    cast = denoise_array(model, image, patch_size=32, overlap=0.375, precision="fp32")
+    kept = denoise_array(model, image, patch_size=32, overlap=0.375, precision="fp32", keep_mean_colour=True)
     torch.testing.assert_close(cast, image + CAST[0], rtol=0, atol=1e-5)  # without the option: the cast stays
     torch.testing.assert_close(kept, image, rtol=0, atol=1e-5)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mednets.cli import main
-from mednets.data.io import Volume, write_volume
+from mednets.data.io import write_volume
+from mednets.data.volume import Volume
 from mednets.engine.evaluation import evaluate_folders
 from mednets.errors import InvalidInputError
 from mednets.metrics import presence_metrics

@@ -20,7 +20,7 @@ from mednets.engine.export import SADAAN_OUTPUTS, ExportError, export_onnx, expo
 from mednets.engine.inference import load_run
 from mednets.errors import CheckpointError, ConfigError, UnknownNameError
 from mednets.models import create_model, get_model_spec, list_models
-from mednets.models.blocks import BF16SafeConv3d
+from mednets.models.kernels import BF16SafeConv3d
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOLERANCE = 1e-4
@@ -100,7 +100,7 @@ def test_sadaan_with_presence_evidence_exports_with_parity(tmp_path: Path) -> No
 )
 def test_dynamic_graphs_take_other_sizes_and_batches(name: str, size: tuple[int, ...], tmp_path: Path) -> None:
     model, x = tiny(name, size)
-    path = export_onnx(model, x, tmp_path / "model.onnx")
+    path = export_onnx(model, x, tmp_path / "model.onnx", model_name=name)
     assert json.loads(sidecar_path(path).read_text(encoding="utf-8"))["spatial_multiple"] == 16
 
     _, other = tiny(name, (size[0] + 16, *size[1:-1], size[-1] + 32), batch=3)  # not the export's own second check
@@ -132,7 +132,7 @@ def test_parity_failure_writes_nothing_and_keeps_the_previous_file(
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", lambda self, *a, **k: [o + 1 for o in run(self, *a, **k)])
     model, x = tiny("sadaan_fast")
     with pytest.raises(ExportError, match="onnxruntime disagrees with PyTorch fp32"):
-        export_onnx(model, x, out)
+        export_onnx(model, x, out, model_name="sadaan_fast")
     assert out.read_bytes() == b"previous export"
     assert sorted(tmp_path.iterdir()) == [out]
 
@@ -148,7 +148,7 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path: Path, monkeypatc
     monkeypatch.setattr(Path, "write_bytes", write_half_then_fail)
     model, x = tiny("sadaan_fast")
     with pytest.raises(OSError, match="disk full"):
-        export_onnx(model, x, out)
+        export_onnx(model, x, out, model_name="sadaan_fast")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -7,7 +7,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from mednets.engine.sliding_window import importance_map, sliding_window_logits, window_starts
+from mednets.engine.sliding_window import importance_map, sliding_window, window_starts
 from mednets.errors import ConfigError, InvalidInputError
 
 
@@ -31,7 +31,7 @@ def test_equals_monai_gaussian_sliding_window_in_fp32(shape: tuple, patch: tuple
     image = torch.rand(shape)
     with torch.no_grad():
         reference = sliding_window_inference(image[None], patch, 2, net, overlap=overlap, mode="gaussian")[0]
-    ours = sliding_window_logits(net, image, patch, overlap=overlap, precision="fp32", batch_size=3)
+    ours = sliding_window(net, image, patch, overlap=overlap, precision="fp32", batch_size=3)
     assert ours.shape == reference.shape and ours.dtype == torch.float32
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
@@ -39,8 +39,8 @@ def test_equals_monai_gaussian_sliding_window_in_fp32(shape: tuple, patch: tuple
 def test_bf16_channels_last_agrees_with_fp32() -> None:
     net = _net().to(memory_format=torch.channels_last_3d)
     image = torch.rand(1, 40, 36, 28)
-    fp32 = sliding_window_logits(net, image, (16, 16, 16), precision="fp32")
-    bf16 = sliding_window_logits(net, image, (16, 16, 16), precision="bf16", channels_last=True, batch_size=4)
+    fp32 = sliding_window(net, image, (16, 16, 16), precision="fp32")
+    bf16 = sliding_window(net, image, (16, 16, 16), precision="bf16", channels_last=True, batch_size=4)
     assert bf16.dtype == torch.float32
     assert (bf16.argmax(0) == fp32.argmax(0)).float().mean() > 0.97
     assert (bf16 - fp32).abs().max() < 0.1 * fp32.abs().max()
@@ -48,8 +48,8 @@ def test_bf16_channels_last_agrees_with_fp32() -> None:
 
 def test_bfloat16_accumulator_is_half_the_memory_and_close_to_float32() -> None:
     net, image = _net(), torch.rand(1, 40, 36, 28)
-    full = sliding_window_logits(net, image, (16, 16, 16), precision="fp32")
-    half = sliding_window_logits(net, image, (16, 16, 16), precision="fp32", accumulate_dtype=torch.bfloat16)
+    full = sliding_window(net, image, (16, 16, 16), precision="fp32")
+    half = sliding_window(net, image, (16, 16, 16), precision="fp32", accumulate_dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.element_size() * 2 == full.element_size()
     torch.testing.assert_close(half.float(), full, atol=0.02 * float(full.abs().max()), rtol=0)
     assert (half.argmax(0) == full.argmax(0)).float().mean() > 0.97
@@ -57,8 +57,8 @@ def test_bfloat16_accumulator_is_half_the_memory_and_close_to_float32() -> None:
 
 def test_batch_size_does_not_change_the_result() -> None:
     net, image = _net(), torch.rand(1, 30, 30, 30)
-    one = sliding_window_logits(net, image, (16, 16, 16), precision="fp32", batch_size=1)
-    many = sliding_window_logits(net, image, (16, 16, 16), precision="fp32", batch_size=7)
+    one = sliding_window(net, image, (16, 16, 16), precision="fp32", batch_size=1)
+    many = sliding_window(net, image, (16, 16, 16), precision="fp32", batch_size=7)
     torch.testing.assert_close(one, many, atol=1e-6, rtol=0)
 
 
@@ -67,7 +67,7 @@ def test_constant_model_output_stays_constant_across_window_borders() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.full((x.shape[0], 2, *x.shape[2:]), 3.0)
 
-    out = sliding_window_logits(Constant(), torch.rand(1, 50, 23, 31), (16, 16, 16), precision="fp32")
+    out = sliding_window(Constant(), torch.rand(1, 50, 23, 31), (16, 16, 16), precision="fp32")
     torch.testing.assert_close(out, torch.full_like(out, 3.0))
 
 
@@ -85,19 +85,19 @@ def test_window_starts_and_importance_map() -> None:
 def test_bad_arguments_raise_typed_errors() -> None:
     net = _net()
     with pytest.raises(InvalidInputError, match="patch size"):
-        sliding_window_logits(net, torch.rand(1, 8, 8, 8), (4, 4))
+        sliding_window(net, torch.rand(1, 8, 8, 8), (4, 4))
     with pytest.raises(ConfigError, match="overlap"):
-        sliding_window_logits(net, torch.rand(1, 8, 8, 8), (4, 4, 4), overlap=1.0)
+        sliding_window(net, torch.rand(1, 8, 8, 8), (4, 4, 4), overlap=1.0)
     with pytest.raises(ConfigError, match="precision"):
-        sliding_window_logits(net, torch.rand(1, 8, 8, 8), (4, 4, 4), precision="fp16")
+        sliding_window(net, torch.rand(1, 8, 8, 8), (4, 4, 4), precision="fp16")
     with pytest.raises(InvalidInputError, match="one tensor"):
-        sliding_window_logits(lambda x: {"logits": x}, torch.rand(1, 8, 8, 8), (4, 4, 4))
+        sliding_window(lambda x: {"logits": x}, torch.rand(1, 8, 8, 8), (4, 4, 4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_model_with_cpu_accumulator_matches_cpu() -> None:
     net, image = _net(), torch.rand(1, 40, 36, 28)
-    cpu = sliding_window_logits(net, image, (16, 16, 16), precision="fp32")
-    cuda = sliding_window_logits(net.cuda(), image, (16, 16, 16), precision="fp32", accumulate_device="cpu")
+    cpu = sliding_window(net, image, (16, 16, 16), precision="fp32")
+    cuda = sliding_window(net.cuda(), image, (16, 16, 16), precision="fp32", accumulate_device="cpu")
     assert cuda.device.type == "cpu"
     torch.testing.assert_close(cuda, cpu, atol=1e-4, rtol=0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mednets import host_memory
 from mednets.config import load_config
-from mednets.engine import host_memory
 from mednets.engine.checkpoints import load_model_weights, load_trainer_state
 from mednets.engine.distributed import init_distributed, shutdown_distributed
 from mednets.engine.trainer import EpochSampler, Trainer

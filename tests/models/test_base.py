@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from mednets.models.base import MednetsModel
-from mednets.models.blocks import InstanceNorm
-from mednets.models.fused import norm_relu_project
+from mednets.models.kernels import InstanceNorm, norm_relu_project
 
 NORMS = {"batch": lambda: nn.BatchNorm3d(6), "instance": lambda: InstanceNorm(6), "group": lambda: nn.GroupNorm(3, 6)}
 

@@ -1,4 +1,10 @@
-"""Contract tests generated from the registry: every model gets them by being registered."""
+"""Contract tests generated from the registry: every model gets them by being registered.
+
+Besides forward/backward, checkpointing, bf16 and channels-last, each model is held to its
+`ModelSpec`: output names, the size multiple its inputs need (patch-wise models keep the input's
+size), its grid (whole-image models refuse another size), and `in_channels`/`out_channels` through
+`create_model`.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,16 @@ import pytest
 import torch
 
 from mednets.errors import InvalidInputError
-from mednets.models import MednetsModel, create_model, get_model_spec, list_models
+from mednets.models import MednetsModel, ModelSpec, create_model, get_model_spec, list_models
 
 MODELS = list_models()
 
 
 def main_output(outputs: object) -> torch.Tensor:
-    """The prediction tensor of any model's outputs (tensor, or the logits entry of a dict)."""
+    """The prediction tensor of any model's outputs (tensor, or the logits or image entry of a dict)."""
     if isinstance(outputs, torch.Tensor):
         return outputs
-    for key in ("logits", "segmentation_logits"):
+    for key in ("logits", "segmentation_logits", "denoised"):
         if key in outputs:
             return outputs[key]
     raise AssertionError(f"no main output among {list(outputs)}")
@@ -31,12 +37,24 @@ def surrogate_loss(outputs: object) -> torch.Tensor:
     return sum(surrogate_loss(item) for item in items)
 
 
-def tiny(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.Tensor]:
+def tiny(
+    name: str, dtype: torch.dtype = torch.float32, size: tuple[int, ...] | None = None, **overrides: object
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The registry's tiny build of `name` (with `overrides`) and a batch of 2 inputs of `size`."""
     spec = get_model_spec(name)
     torch.manual_seed(0)
-    model = create_model(name, **spec.tiny_overrides).to(dtype)
-    x = torch.randn(2, spec.in_channels, *spec.tiny_input_size, dtype=dtype)
+    model = create_model(name, **{**spec.tiny_overrides, **overrides}).to(dtype)
+    channels = overrides.get("in_channels", spec.in_channels)
+    x = torch.randn(2, channels, *(size or spec.tiny_input_size), dtype=dtype)
     return model, x
+
+
+def named_outputs(outputs: object, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Outputs by name: a dict as it is, a single tensor under the spec's one output name."""
+    if isinstance(outputs, torch.Tensor):
+        assert len(spec.output_names) == 1, f"one tensor returned, but the spec names {spec.output_names}"
+        return {spec.output_names[0]: outputs}
+    return dict(outputs)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -127,3 +145,57 @@ def test_wrong_rank_is_rejected_with_the_expected_layout(name: str) -> None:
     model, x = tiny(name)
     with pytest.raises(InvalidInputError, match="axes"):
         model(x[:, :, 0])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_outputs_are_the_registry_output_names(name: str) -> None:
+    spec = get_model_spec(name)
+    model, x = tiny(name)
+    with torch.no_grad():
+        outputs = named_outputs(model.eval()(x), spec)
+    assert tuple(outputs) == spec.output_names
+
+
+def _other_valid_size(spec: ModelSpec) -> tuple[int, ...]:
+    """The next sides up from the tiny size that are multiples of the size multiple."""
+    step = spec.size_multiple
+    return tuple((side // step + 1) * step for side in spec.tiny_input_size)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_input_sides_multiple_of_the_size_multiple_keep_their_size(name: str) -> None:
+    spec = get_model_spec(name)
+    if spec.whole_image:
+        pytest.skip(f"{name} sees a fixed grid: see the grid test")
+    size = _other_valid_size(spec)
+    assert size != spec.tiny_input_size and all(side % spec.size_multiple == 0 for side in size)
+    model, x = tiny(name, size=size)
+    with torch.no_grad():
+        outputs = named_outputs(model.eval()(x), spec)
+    assert tuple(outputs[spec.output_names[0]].shape) == (2, spec.out_channels, *size)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_whole_image_models_take_their_grid_and_refuse_other_sizes(name: str) -> None:
+    spec = get_model_spec(name)
+    if not spec.whole_image:
+        pytest.skip(f"{name} is patch-wise")
+    assert spec.grid == spec.input_size and all(side % spec.size_multiple == 0 for side in spec.grid)
+    model, x = tiny(name)
+    with torch.no_grad():
+        outputs = main_output(model.eval()(x))
+    assert tuple(outputs.shape) == (2, spec.out_channels, *spec.tiny_input_size)
+    other = torch.randn(2, spec.in_channels, *_other_valid_size(spec))
+    with pytest.raises(InvalidInputError, match="grid"):
+        model(other)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_in_and_out_channels_through_create_model(name: str) -> None:
+    spec = get_model_spec(name)
+    assert {"in_channels", "out_channels"} <= set(spec.options)
+    model, x = tiny(name, in_channels=2, out_channels=3)
+    assert x.shape[1] == 2
+    with torch.no_grad():
+        outputs = named_outputs(model.eval()(x), spec)
+    assert tuple(main_output(outputs).shape) == (2, 3, *spec.tiny_input_size)

@@ -18,7 +18,7 @@ from torch import nn
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.losses import SpatialAttentionLoss
 from mednets.models import create_model, get_model_spec
-from mednets.models.blocks import InstanceNorm
+from mednets.models.kernels import InstanceNorm
 from mednets.models.sadaan import (
     ABSENT_LOGIT,
     AbsenceDetectionHead,

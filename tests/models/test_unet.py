@@ -11,14 +11,14 @@ from mednets.models import create_model
 
 @pytest.mark.parametrize(("bilinear", "expected"), [(False, 31_037_633), (True, 17_262_977)])
 def test_seed_parameter_counts(bilinear: bool, expected: int) -> None:
-    model = create_model("unet", n_channels=3, n_classes=1, bilinear=bilinear)
+    model = create_model("unet", in_channels=3, out_channels=1, bilinear=bilinear)
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
 def test_odd_2d_size_returns_input_size(bilinear: bool) -> None:
     # The padding logic does not depend on the width, so a narrow UNet keeps the test fast.
-    model = create_model("unet", n_channels=3, n_classes=2, bilinear=bilinear, base_channels=4).eval()
+    model = create_model("unet", in_channels=3, out_channels=2, bilinear=bilinear, base_channels=4).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 257, 301))
     assert out.shape == (1, 2, 257, 301)
@@ -26,14 +26,14 @@ def test_odd_2d_size_returns_input_size(bilinear: bool) -> None:
 
 @pytest.mark.parametrize("bilinear", [False, True])
 def test_odd_3d_size_returns_input_size(bilinear: bool) -> None:
-    model = create_model("unet3d", n_channels=1, n_classes=3, bilinear=bilinear, base_channels=4).eval()
+    model = create_model("unet3d", in_channels=1, out_channels=3, bilinear=bilinear, base_channels=4).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 1, 33, 47, 51))
     assert out.shape == (1, 3, 33, 47, 51)
 
 
 def test_wrong_channel_count_names_the_expectation() -> None:
-    model = create_model("unet", n_channels=3, base_channels=4)
+    model = create_model("unet", in_channels=3, base_channels=4)
     with pytest.raises(InvalidInputError, match=r"expected 3 channels"):
         model(torch.randn(1, 1, 32, 32))
 

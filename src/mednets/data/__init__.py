@@ -9,15 +9,15 @@ from mednets.data.dataset import (
     DEFAULT_MIN_VOXELS,
     Case,
     Dataset,
-    kfold_splits,
     load_dataset,
     presence_targets,
     split_cases,
     validate_dataset,
 )
-from mednets.data.io import Volume, read_volume, write_volume
+from mednets.data.io import read_volume, write_volume
 from mednets.data.labels import convert_label_file, convert_labels, load_mapping
 from mednets.data.phantoms import Phantom, PhantomConfig, generate_phantom, write_phantom_dataset
+from mednets.data.volume import Volume
 
 __all__ = [
     "DEFAULT_MIN_VOXELS",
@@ -29,7 +29,6 @@ __all__ = [
     "convert_label_file",
     "convert_labels",
     "generate_phantom",
-    "kfold_splits",
     "load_dataset",
     "load_mapping",
     "presence_targets",

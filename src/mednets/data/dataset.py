@@ -1,12 +1,7 @@
 """Dataset folders in the nnU-Net / Medical Segmentation Decathlon convention (docs/dataset_format.md).
 
-A dataset folder holds::
-
-    dataset.json
-    imagesTr/<case>_<XXXX>.nii.gz   one file per channel XXXX (0000, 0001, ...) of `channel_names`
-    labelsTr/<case>.nii.gz          integer label map, values declared in `labels`
-    imagesTs/<case>_<XXXX>.nii.gz   optional test images, no labels
-
+A dataset folder holds `dataset.json`, `imagesTr/<case>_<XXXX><ending>` (one file per channel),
+`labelsTr/<case><ending>` and optionally `imagesTs/`; the ending is a volume format (3D) or PNG/TIFF (2D).
 `dataset.json` holds ``labels`` ({name: id}, with ``background: 0``), ``channel_names``
 ({"0": "CT"}), ``file_ending`` (default ``.nii.gz``), ``numTraining``, and optionally ``min_voxels``,
 ``presence`` (per-case overrides ``{case: {organ: true/false}}``) and ``cases`` (per-case notes,
@@ -27,23 +22,40 @@ from typing import Any
 
 import numpy as np
 
+from mednets import anatomy
 from mednets.errors import DatasetError
 
 __all__ = [
     "DEFAULT_MIN_VOXELS",
     "Case",
     "Dataset",
-    "kfold_splits",
+    "Geometry",
     "load_dataset",
     "presence_targets",
+    "read_label_map",
     "split_cases",
     "validate_dataset",
 ]
 
-# A structure counts as present when its mask has at least this many voxels (unless overridden):
-# a few stray voxels at a field-of-view edge are not an organ.
-DEFAULT_MIN_VOXELS = 10
+DEFAULT_MIN_VOXELS = anatomy.MIN_VOXELS  # unless dataset.json overrides it
 AFFINE_TOLERANCE_MM = 1e-3
+_IMAGE_ENDINGS = (".png", ".tif", ".tiff")  # the 2D files a dataset folder may hold
+
+
+def read_label_map(path: str | os.PathLike[str], rows: tuple[int, int] | None = None) -> np.ndarray:
+    """A label map as stored (`[D, H, W]` or `[H, W]`), optionally only the rows ``[start, stop)`` of its first axis."""
+    from mednets.data.io import read_any
+
+    labels = read_any(path).array
+    return labels[rows[0] : rows[1]] if rows is not None else labels
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What training records about the voxels the model saw (3D datasets; None for 2D images)."""
+
+    orientation: str | None
+    spacing_mm: list[float] | None
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,41 @@ class Dataset:
     def min_voxels(self) -> int:
         return int(self.info.get("min_voxels", DEFAULT_MIN_VOXELS))
 
+    @property
+    def file_ending(self) -> str:
+        return str(self.info.get("file_ending", ".nii.gz"))
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for datasets of 2D images (PNG, TIFF), else 3."""
+        from mednets.data.io import IMAGE_SUFFIXES
+
+        return 2 if self.file_ending.lower() in IMAGE_SUFFIXES else 3
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The names of the channel files, in channel order (they choose each channel's normalisation)."""
+        names = self.info["channel_names"]
+        return [str(names[key]) for key in sorted(names, key=int)]
+
+    def geometry(self, *, spacing_mm: list[float] | tuple[float, ...] | None, grid: tuple[int, ...] | None) -> Geometry:
+        """The orientation and voxel size a model trained on this dataset sees (None for 2D datasets).
+
+        The voxel size is the training data's median spacing (or `spacing_mm` when training resamples),
+        or, for a whole-image `grid` model, the median field of view divided by the grid.
+        """
+        if self.spatial_dims == 2:
+            return Geometry(None, None)
+        from mednets.data.io import read_volume
+
+        volumes = [read_volume(case.images[0]) for case in self.training]
+        if grid is not None:
+            extents = np.array([np.array(v.spatial_shape) * np.array(v.spacing) for v in volumes])
+            spacing = np.median(extents, axis=0) / np.array(grid)
+        else:
+            spacing = np.median(np.array([spacing_mm or v.spacing for v in volumes], dtype=float), axis=0)
+        return Geometry(volumes[0].orientation, [float(s) for s in spacing])
+
     def case(self, case_id: str) -> Case:
         for case in self.training + self.test:
             if case.case_id == case_id:
@@ -100,22 +147,23 @@ class Dataset:
     def presence(self, case_id: str, labels: np.ndarray | None = None) -> dict[str, bool]:
         """Presence target per structure for a training case (reads its label map unless given)."""
         if labels is None:
-            from mednets.data.io import read_volume
-
             label_path = self.case(case_id).label
             if label_path is None:
                 raise DatasetError("test cases have no labels", source=case_id)
-            labels = read_volume(label_path).array
+            labels = read_label_map(label_path)
         overrides = self.info.get("presence", {}).get(case_id, {})
         return presence_targets(labels, self.labels, min_voxels=self.min_voxels, overrides=overrides)
 
     def smallest_volumes_ml(self) -> dict[str, float]:
         """The smallest volume (mL) of each structure over the training cases where it is present.
 
-        Structures present in no training case are left out. Reads every training label map.
+        Structures present in no training case are left out; 2D datasets (no physical voxel size) give
+        none. Reads every training label map.
         """
         from mednets.data.io import read_volume
 
+        if self.spatial_dims == 2:
+            return {}
         smallest: dict[str, float] = {}
         for case in self.training:
             assert case.label is not None  # training cases always have labels (validated on load)
@@ -192,22 +240,6 @@ def split_cases(case_ids: list[str], *, val_fraction: float = 0.2, seed: int = 0
     return train, val
 
 
-def kfold_splits(case_ids: list[str], *, n_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
-    """nnU-Net style folds: a list of ``{"train": [...], "val": [...]}``, deterministic in `seed`."""
-    ids = sorted(case_ids)
-    if n_folds < 2 or n_folds > len(ids):
-        raise DatasetError("n_folds must be between 2 and the number of cases", source="n_folds", got=n_folds)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    folds = np.array_split(order, n_folds)
-    return [
-        {
-            "train": sorted(ids[i] for i in np.concatenate(folds[:k] + folds[k + 1 :])),
-            "val": sorted(ids[i] for i in fold),
-        }
-        for k, fold in enumerate(folds)
-    ]
-
-
 _CHANNEL_PATTERN = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -246,13 +278,13 @@ def _scan_images(folder: Path, ending: str, channels: list[int], problems: list[
 
 def _geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape [D, H, W] (2D images: [H, W], colour channels left out) and affine, from the header where possible."""
-    if path.name.endswith((".nii", ".nii.gz")):
+    from mednets.data.io import NIFTI_SUFFIXES, read_volume
+
+    if path.name.endswith(NIFTI_SUFFIXES):
         import nibabel as nib
 
         image = nib.load(str(path))
         return tuple(int(s) for s in image.shape[:3][::-1]), np.asarray(image.affine)
-    from mednets.data.io import read_volume
-
     volume = read_volume(path)
     return volume.spatial_shape, volume.affine
 
@@ -320,6 +352,45 @@ def _read_info(root: Path, problems: list[str]) -> dict[str, Any] | None:
     return info
 
 
+def _check_image_files(root: Path, ending: str, problems: list[str]) -> None:
+    """The checks of datasets of 2D images: one page per file, the same colours per channel, integer labels."""
+    from mednets.data.io import read_image
+
+    colours: dict[str, dict[int, list[Path]]] = {}
+    for folder in ("imagesTr", "imagesTs"):
+        for path in sorted((root / folder).glob(f"*{ending}")) if (root / folder).is_dir() else []:
+            try:
+                volume = read_image(path)
+            except Exception as error:
+                problems.append(f"{path}: cannot read image file ({error})")
+                continue
+            pages = volume.array.ndim - (2 if volume.channel_axis is None else 3)
+            if pages:
+                problems.append(f"{path}: holds {volume.array.shape[0]} pages; a 2D dataset holds one page per file")
+                continue
+            count = 1 if volume.channel_axis is None else int(volume.array.shape[-1])
+            colours.setdefault(path.stem[-4:], {}).setdefault(count, []).append(path)
+    for channel, by_count in colours.items():
+        if len(by_count) > 1:
+            usual = max(by_count, key=lambda c: len(by_count[c]))
+            for count, paths in by_count.items():
+                problems.extend(
+                    f"{path}: {count} colour channel(s), other files of channel {channel} have {usual}"
+                    for path in paths
+                    if count != usual
+                )
+    for path in sorted((root / "labelsTr").glob(f"*{ending}")) if (root / "labelsTr").is_dir() else []:
+        try:
+            volume = read_image(path)
+        except Exception as error:
+            problems.append(f"{path}: cannot read label file ({error})")
+            continue
+        if volume.array.ndim != 2 or volume.channel_axis is not None:
+            problems.append(f"{path}: a label map must be one single-channel 2D image, got shape {volume.array.shape}")
+        elif not np.issubdtype(volume.array.dtype, np.integer) and volume.array.dtype != bool:
+            problems.append(f"{path}: a label map must hold integers, got {volume.array.dtype}")
+
+
 def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | None]:
     problems: list[str] = []
     info = _read_info(root, problems)
@@ -384,13 +455,15 @@ def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | N
                     for name in set(entry) - names:
                         problems.append(f"{info_path}: presence of {case_id} names undeclared structure {name}")
 
+    if ending.lower() in _IMAGE_ENDINGS:
+        _check_image_files(root, ending, problems)
     test: list[Case] = []
     test_dir = root / "imagesTs"
     if test_dir.is_dir():
         for case_id, by_channel in sorted(_scan_images(test_dir, ending, channels, problems).items()):
             if all(c in by_channel for c in channels):
                 test.append(Case(case_id, tuple(by_channel[c] for c in channels)))
-    return problems, Dataset(root, info, training, test)
+    return list(dict.fromkeys(problems)), Dataset(root, info, training, test)
 
 
 def _check_case(images: tuple[Path, ...], label: Path, declared: set[int], check_values: bool) -> list[str]:
@@ -411,10 +484,8 @@ def _check_case(images: tuple[Path, ...], label: Path, declared: set[int], check
             worst = float(np.abs(affine - label_affine).max())
             problems.append(f"{label}: affine differs from image {image.name} (by up to {worst:.4g} mm)")
     if check_values:
-        from mednets.data.io import read_volume
-
         try:
-            values = np.unique(read_volume(label).array)
+            values = np.unique(read_label_map(label))
         except Exception as error:
             return [*problems, f"{label}: cannot read label values ({error})"]
         if not np.all(values == np.round(values)):

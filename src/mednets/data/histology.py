@@ -33,7 +33,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from mednets.data.dataset import split_cases
-from mednets.data.images2d import holdout_rows, list_image_files, read_image_2d, to_unit_range
+from mednets.data.images import holdout_rows, to_unit_range
+from mednets.data.io import list_image_files, read_image_2d
 from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "denoising_datasets",
     "read_rgb",
     "stain_augment",
-    "tissue_fraction",
     "tissue_mask",
     "tissue_tiles",
 ]
@@ -264,11 +264,6 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """Tissue pixels of an RGB image ``[3, H, W]`` in [0, 1]: mean optical density > 0.15 and not black; ``[H, W]`` bool."""
     optical_density = -np.log(np.clip(rgb, 1.0 / 255.0, 1.0))
     return (optical_density.mean(0) > TISSUE_OPTICAL_DENSITY) & (rgb.max(0) > BLACK_LEVEL)
-
-
-def tissue_fraction(rgb: np.ndarray) -> float:
-    """Share of tissue pixels of an RGB tile ``[3, H, W]`` in [0, 1]."""
-    return float(tissue_mask(rgb).mean())
 
 
 def tissue_tiles(rgb: np.ndarray, tile_size: int, stride: int, min_tissue: float) -> list[tuple[int, int]]:

@@ -104,7 +104,8 @@ def convert_label_file(
     Returns:
         {organ name: voxel count} of the organs in the written map.
     """
-    from mednets.data.io import Volume, read_volume, write_volume
+    from mednets.data.io import read_volume, write_volume
+    from mednets.data.volume import Volume
 
     volume = read_volume(source)
     converted = convert_labels(volume.array, mapping)

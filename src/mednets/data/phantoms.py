@@ -741,7 +741,8 @@ def write_phantom_dataset(
     Raises:
         ConfigError: `n` < 1, or `out` is not empty and `overwrite` is False.
     """
-    from mednets.data.io import Volume, write_volume
+    from mednets.data.io import write_volume
+    from mednets.data.volume import Volume
 
     config = config or PhantomConfig()
     if n < 1:

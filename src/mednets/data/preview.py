@@ -15,7 +15,8 @@ import numpy as np
 
 from mednets import anatomy
 from mednets.atomic import atomic_write_bytes
-from mednets.data.io import Volume, read_volume
+from mednets.data.io import read_volume
+from mednets.data.volume import Volume
 from mednets.errors import InvalidInputError
 
 __all__ = ["DEFAULT_WINDOW", "label_colours", "render_orthogonal", "show"]

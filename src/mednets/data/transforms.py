@@ -1,5 +1,5 @@
-"""MONAI transform pipelines per task: CT windowing, resampling, model-grid resize and its inverse,
-presence-aware patch sampling and anatomy-respecting augmentation (histology tiles: `mednets.data.histology`).
+"""MONAI transform pipelines of segmentation, 2D and 3D: loading with normalisation, resampling, model-grid
+resize, presence-aware patch sampling and anatomy-respecting augmentation (histology: `mednets.data.histology`).
 
 Dictionary transforms work on MONAI-style records ``{"image": ..., "label": ..., "presence": ...}``.
 Arrays are channel-first ``[C, D, H, W]`` (3D) or ``[C, H, W]`` (2D). `LoadVolumed` reads files with
@@ -20,44 +20,37 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     MapTransform,
-    NormalizeIntensityd,
     RandAffined,
     RandCropByLabelClassesd,
     RandFlipd,
     Randomizable,
+    RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Resize,
-    ScaleIntensityRanged,
+    Resized,
     Spacingd,
     SpatialPad,
 )
 from scipy import ndimage
 
 from mednets import anatomy
+from mednets.data.intensity import DEFAULT_HU_WINDOW, normalise
+from mednets.data.io import read_any
 from mednets.errors import ConfigError, InvalidInputError
 
 __all__ = [
-    "DEFAULT_HU_WINDOW",
-    "GridResize",
     "LoadVolumed",
     "PresenceAwareCropd",
     "RandOrganRemovald",
+    "KeepRowsd",
     "allowed_flip_axes",
+    "augmentation_axes",
     "augmentation",
-    "claimed_labels",
-    "ct_normalisation",
-    "ct_segmentation_pipeline",
-    "labels_from_logits",
+    "segmentation_pipeline",
     "location_prior",
     "monai_affine",
     "resample_to_spacing",
-    "smallest_claim_first",
 ]
-
-# Soft-tissue abdominal window (level 37.5, width 425 HU): organs spread out, fat and bone saturate.
-DEFAULT_HU_WINDOW = (-175.0, 250.0)
-NOISE_MODELS = ("gaussian", "poisson", "salt_and_pepper", "motion_blur", "gaussian_blur", "jpeg")
 
 
 def monai_affine(affine: np.ndarray) -> np.ndarray:
@@ -66,45 +59,78 @@ def monai_affine(affine: np.ndarray) -> np.ndarray:
 
 
 class LoadVolumed(MapTransform):
-    """Read each key's path (or list of per-channel paths) into a ``[C, D, H, W]`` MetaTensor with its affine."""
+    """Read each key's path (or list of per-channel paths) into a ``[C, *S]`` MetaTensor with its affine.
+
+    Volumes (NIfTI, NRRD, MHA, DICOM) give ``[C, D, H, W]``; 2D images (PNG, TIFF) give ``[C, H, W]``,
+    the colours of an RGB file being channels. With `channel_names`, the image key's channel files are
+    normalised as they are read (`mednets.data.intensity.normalise`); label maps are left as stored.
+
+    Args:
+        keys: keys holding paths.
+        dtype: dtype of the loaded arrays (None keeps the file's).
+        channel_names: one name per channel file of `image_key`, or None for no normalisation.
+        hu_window: the CT window of the normalisation.
+        image_key: the key whose files are normalised.
+    """
 
     def __init__(
-        self, keys: Sequence[str], dtype: torch.dtype | None = torch.float32, allow_missing_keys: bool = False
+        self,
+        keys: Sequence[str],
+        dtype: torch.dtype | None = torch.float32,
+        allow_missing_keys: bool = False,
+        *,
+        channel_names: Sequence[str] | None = None,
+        hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+        image_key: str = "image",
     ):
         super().__init__(keys, allow_missing_keys)
         self.dtype = dtype
+        self.channel_names = None if channel_names is None else [str(n) for n in channel_names]
+        self.hu_window = tuple(hu_window)
+        self.image_key = image_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from mednets.data.io import read_volume
-
         out = dict(data)
         for key in self.key_iterator(out):
             paths = out[key] if isinstance(out[key], list | tuple) else [out[key]]
-            volumes = [read_volume(p) for p in paths]
-            shapes = {v.array.shape for v in volumes}
+            volumes = [read_any(p) for p in paths]
+            shapes = {v.spatial_shape for v in volumes}
             if len(shapes) != 1:
                 raise InvalidInputError(
                     "channels differ in shape", source=", ".join(map(str, paths)), got=sorted(shapes)
                 )
-            array = torch.as_tensor(np.stack([v.array for v in volumes]))
+            names = self.channel_names if key == self.image_key else None
+            if names is not None and len(names) != len(volumes):
+                raise InvalidInputError("channel files do not match channel_names", source=", ".join(map(str, paths)),
+                                        expected=names, got=len(volumes))  # fmt: skip
+            channels = []
+            for index, volume in enumerate(volumes):
+                array = volume.array[None] if volume.channel_axis is None else np.moveaxis(volume.array, -1, 0)
+                if names is not None:
+                    array = normalise(array, names[index], self.hu_window)
+                channels.append(torch.as_tensor(np.ascontiguousarray(array)))
+            array = torch.cat(channels)
             if self.dtype is not None:
                 array = array.to(self.dtype)
-            out[key] = MetaTensor(
-                array, affine=torch.as_tensor(monai_affine(volumes[0].affine)), meta={"filename_or_obj": str(paths[0])}
-            )
+            affine = monai_affine(volumes[0].affine) if array.ndim == 4 else np.eye(4)
+            out[key] = MetaTensor(array, affine=torch.as_tensor(affine), meta={"filename_or_obj": str(paths[0])})
         return out
 
 
-def ct_normalisation(
-    keys: Sequence[str] = ("image",), hu_window: tuple[float, float] | None = DEFAULT_HU_WINDOW
-) -> MapTransform:
-    """CT windowing to [0, 1] (clipped) with `hu_window`, or z-score normalisation when it is None."""
-    if hu_window is None:
-        return NormalizeIntensityd(keys=list(keys))
-    low, high = hu_window
-    if not high > low:
-        raise ConfigError("HU window must be (low, high) with high > low", source="hu_window", got=hu_window)
-    return ScaleIntensityRanged(keys=list(keys), a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+class KeepRowsd(MapTransform):
+    """Keep the rows ``[start, stop)`` of the first spatial axis named by a record's ``rows`` (if it has one).
+
+    A dataset of a single large 2D image trains on its top and validates on its bottom rows.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        if "rows" not in out:
+            return out
+        start, stop = out["rows"]
+        for key in self.key_iterator(out):
+            out[key] = out[key][:, start:stop]
+        return out
 
 
 def resample_to_spacing(
@@ -114,142 +140,6 @@ def resample_to_spacing(
     keys = list(image_keys) + list(label_keys)
     modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
     return Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing_mm), mode=modes, allow_missing_keys=True)
-
-
-class GridResize:
-    """Whole-volume resize to a model grid (SADAAn sees the whole scan) and its exact inverse.
-
-    `forward` resizes ``[C, *spatial]`` to `grid`; `inverse` brings an image or a label map on the grid
-    back to the original shape, and `inverse_affine` gives the original affine back, so a prediction
-    is written with the input's exact geometry.
-
-    Args:
-        grid: the model's spatial size, e.g. ``(64, 64, 64)``.
-    """
-
-    def __init__(self, grid: Sequence[int]):
-        self.grid = tuple(int(g) for g in grid)
-
-    def forward(self, image: torch.Tensor | np.ndarray, *, labels: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Resize ``[C, *spatial]`` to the grid; returns the resized tensor and the record `inverse` needs."""
-        tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
-        if tensor.ndim != len(self.grid) + 1:
-            raise InvalidInputError(
-                "expected [C, *spatial] matching the grid",
-                source="GridResize",
-                expected=f"{len(self.grid) + 1} dims",
-                got=tuple(tensor.shape),
-            )
-        record = {"shape": tuple(int(s) for s in tensor.shape[1:])}
-        mode = "nearest" if labels else "trilinear" if len(self.grid) == 3 else "bilinear"
-        resized = Resize(self.grid, mode=mode, dtype=torch.float32)(tensor.float())
-        return torch.as_tensor(resized).to(tensor.dtype if labels else torch.float32), record
-
-    def inverse(self, resized: torch.Tensor, record: Mapping[str, Any], *, labels: bool = False) -> torch.Tensor:
-        """Resize a ``[C, *grid]`` image (or label map with ``labels=True``) back to the original shape."""
-        mode = "nearest" if labels else "trilinear" if len(self.grid) == 3 else "bilinear"
-        out = Resize(tuple(record["shape"]), mode=mode, dtype=torch.float32)(torch.as_tensor(resized).float())
-        return torch.as_tensor(out).to(resized.dtype if labels else torch.float32)
-
-    def grid_affine(self, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        """Affine (Volume convention) of the grid covering the same field of view as `affine` over `shape` (D, H, W)."""
-        affine = np.asarray(affine, dtype=np.float64)
-        factors_xyz = np.asarray([shape[2] / self.grid[2], shape[1] / self.grid[1], shape[0] / self.grid[0]])
-        out = affine.copy()
-        out[:3, :3] = affine[:3, :3] * factors_xyz[None, :]
-        # Voxel centres: grid voxel 0 spans the same edge as original voxel 0 (align_corners=False).
-        out[:3, 3] = affine[:3, 3] + affine[:3, :3] @ ((factors_xyz - 1.0) / 2.0)
-        return out
-
-    def inverse_affine(self, grid_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        """Exact inverse of `grid_affine`: the original affine from the grid's."""
-        factors_xyz = np.asarray([shape[2] / self.grid[2], shape[1] / self.grid[1], shape[0] / self.grid[0]])
-        linear = np.asarray(grid_affine, dtype=np.float64)[:3, :3] / factors_xyz[None, :]
-        out = np.eye(4)
-        out[:3, :3] = linear
-        out[:3, 3] = grid_affine[:3, 3] - linear @ ((factors_xyz - 1.0) / 2.0)
-        return out
-
-
-def claimed_labels(claims: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
-    """Label map from per-structure claims: each voxel takes the claimant of highest priority.
-
-    For independent per-structure outputs (SADAAn's sigmoids), where several structures can claim a
-    voxel at once and the most probable one is not the best judge (`smallest_claim_first`).
-
-    Args:
-        claims: bool `[S, *spatial]` or `[B, S, *spatial]`: structure `s` claims the voxel.
-        priority: `[S]` or `[B, S]`, higher wins; ties go to the first structure.
-
-    Returns:
-        int64 `[*spatial]` or `[B, *spatial]`: 0 where no structure claims the voxel, else `s + 1`.
-    """
-    axis = priority.ndim - 1  # the structure axis
-    key = priority.float().reshape(*priority.shape, *([1] * (claims.ndim - priority.ndim)))
-    key = torch.where(claims, key, torch.full_like(key, -torch.inf))  # [..., S, *spatial]
-    return torch.where(claims.any(axis), key.argmax(axis) + 1, 0)
-
-
-def smallest_claim_first(claims: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Priority for `claimed_labels`: the structure claiming the fewest voxels wins, `[..., S, *spatial] -> [..., S]`.
-
-    A large organ's sigmoid spills over its small neighbours (the liver over the right adrenal), not
-    the reverse. Measured on the 7 validation phantoms of `configs/sadaan_phantoms.yaml`
-    (`runs/sadaan_v10`): mean Dice 0.854 against 0.827 for the most probable structure (right adrenal
-    0.58 against 0.27).
-    """
-    return -claims.flatten(-spatial_dims).sum(-1).float()
-
-
-def labels_from_logits(
-    logits: torch.Tensor,
-    shape: Sequence[int],
-    *,
-    dtype: torch.dtype = torch.uint8,
-    slab: int = 16,
-    priority: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Upsample class scores ``[C, *grid]`` to ``shape`` (trilinear / bilinear) and take the argmax, slab by slab.
-
-    Never holds all classes at full resolution in float (the classic RAM blow-up, nnU-Net #2912): the
-    output is made `slab` planes of the first axis at a time. Trilinear interpolation is separable, so
-    each slab is the bilinear upsampling of the few source planes it needs, blended linearly along the
-    first axis with `F.interpolate`'s own coordinates (``align_corners=False``). Peak extra memory is
-    about ``C * (slab + 4) * H * W`` floats: ~280 MB for 14 classes at 512x512, whatever the depth.
-
-    Args:
-        logits: ``[C, D, H, W]`` or ``[C, H, W]`` scores on the model's grid.
-        shape: output size ``(D', H', W')`` or ``(H', W')``.
-        dtype: label dtype (uint8 holds up to 256 classes).
-        slab: output planes per step.
-        priority: `[C - 1]` (`claimed_labels`): a voxel takes, among the classes whose upsampled score
-            beats class 0's (the background), the one of highest priority instead of the highest score.
-
-    Returns:
-        Label map ``shape`` of `dtype`: the index of the largest upsampled score (the first on ties),
-        or of the claimant of highest priority.
-    """
-    if logits.ndim == 3:  # 2D: a depth of one plane, interpolated with scale 1 (exact)
-        return labels_from_logits(logits[:, None], (1, *shape), dtype=dtype, slab=slab, priority=priority)[0]
-    depth = logits.shape[1]
-    out_depth, plane = int(shape[0]), tuple(int(n) for n in shape[1:])
-    source = (torch.arange(out_depth, dtype=torch.float64) + 0.5) * (depth / out_depth) - 0.5
-    source = source.clamp_min(0.0)
-    below = source.floor().long().clamp_max(depth - 1)
-    above = (below + 1).clamp_max(depth - 1)
-    fraction = (source - below).float()
-    labels = torch.empty(tuple(int(n) for n in shape), dtype=dtype)
-    scores = torch.empty((logits.shape[0], min(slab, out_depth), *plane))  # [C, s, H', W'], reused
-    for first in range(0, out_depth, slab):
-        rows = range(first, min(first + slab, out_depth))
-        low, high = int(below[first]), int(above[rows[-1]])
-        planes = F.interpolate(logits[:, low : high + 1].float(), size=plane, mode="bilinear", align_corners=False)
-        for j, row in enumerate(rows):  # blend the two planes around each output plane, in place
-            torch.lerp(planes[:, below[row] - low], planes[:, above[row] - low], fraction[row], out=scores[:, j])
-        block = scores[:, : len(rows)]  # [C, s, H', W']
-        decided = block.argmax(0) if priority is None else claimed_labels(block[1:] > block[:1], priority)
-        labels[first : rows[-1] + 1] = decided.to(dtype)
-    return labels
 
 
 def location_prior(
@@ -462,12 +352,16 @@ def augmentation(
     intensity_scale: float = 0.1,
     prob: float = 0.3,
     spatial_dims: int = 3,
+    quarter_turns: bool = False,
 ) -> Compose:
-    """Random flips on `flip_axes` only (see `allowed_flip_axes`), small rotations and scalings, intensity shifts."""
+    """Random flips on `flip_axes` only (see `allowed_flip_axes`), quarter turns of 2D images without an
+    orientation, small rotations and scalings, intensity shifts."""
     keys = list(image_keys) + list(label_keys)
     modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
     radians = float(np.deg2rad(rotate_degrees))
     transforms: list[Any] = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
+    if quarter_turns:
+        transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3))
     transforms += [
         RandAffined(
             keys=keys,
@@ -483,9 +377,22 @@ def augmentation(
     return Compose(transforms)
 
 
-def ct_segmentation_pipeline(
+def augmentation_axes(label_names: Sequence[str] | None, spatial_dims: int) -> tuple[list[int], bool]:
+    """Flippable spatial axes and whether quarter turns are allowed, for these structure names.
+
+    Anatomy (names of `mednets.anatomy`'s organs) allows only the flips of `allowed_flip_axes`; other
+    structures (cells, nuclei) have no orientation, so every axis flips and 2D images turn by quarters.
+    """
+    organs = set(anatomy.organ_names())
+    if label_names is None or any(name in organs for name in label_names):
+        return allowed_flip_axes(label_names, spatial_dims), False
+    return list(range(spatial_dims)), spatial_dims == 2
+
+
+def segmentation_pipeline(
     *,
-    hu_window: tuple[float, float] | None = DEFAULT_HU_WINDOW,
+    channel_names: Sequence[str] = ("CT",),
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     spacing_mm: Sequence[float] | None = None,
     grid: Sequence[int] | None = None,
     patch_size: Sequence[int] | None = None,
@@ -493,50 +400,47 @@ def ct_segmentation_pipeline(
     num_classes: int = len(anatomy.ORGANS) + 1,
     augment: bool = True,
     label_names: Sequence[str] | None = None,
-    load: bool = True,
+    spatial_dims: int = 3,
     remove_organ_ids: Sequence[int] = (),
     remove_organ_prob: float = 0.0,
 ) -> Compose:
-    """The CT training pipeline: load, window, optional resampling, grid resize or patch sampling, augmentation.
+    """The segmentation pipeline of 2D and 3D: load and normalise, resample, grid resize or patch sampling, augment.
 
     Args:
-        hu_window: HU window to [0, 1]; None for z-score normalisation.
-        spacing_mm: resample to this spacing ``(D, H, W)`` first.
-        grid: whole-volume resize to this model grid (SADAAn); exclusive with `patch_size`.
-        patch_size: presence-aware patch sampling of this size (LHA-Net, 3D UNet).
+        channel_names: the image channels' names (`dataset.json`), which choose their normalisation.
+        hu_window: the CT window (`mednets.data.intensity`).
+        spacing_mm: resample to this spacing first.
+        grid: whole-image resize to this model grid (SADAAn); exclusive with `patch_size`.
+        patch_size: presence-aware patch sampling of this size (patch-wise models).
         prior: location prior for absent-organ patches (`location_prior`); needed with `patch_size`.
         num_classes: classes including background.
-        augment: add `augmentation` with the flips `allowed_flip_axes` permits for `label_names`.
+        augment: add `augmentation` with the flips `augmentation_axes` permits for `label_names`.
         label_names: foreground class names (default: the 13 organs).
-        load: start with `LoadVolumed` (records hold paths) instead of arrays.
+        spatial_dims: 2 or 3.
         remove_organ_ids: label ids `RandOrganRemovald` may erase (with `augment` only).
         remove_organ_prob: probability that a case loses one of them.
     """
     if grid is not None and patch_size is not None:
         raise ConfigError(
-            "choose either a whole-volume grid or patches",
+            "choose either a whole-image grid or patches",
             source="pipeline",
             got={"grid": grid, "patch_size": patch_size},
         )
-    transforms: list[Any] = [LoadVolumed(["image", "label"], allow_missing_keys=True)] if load else []
-    transforms.append(ct_normalisation(("image",), hu_window))
+    keys = ["image", "label"]
+    transforms: list[Any] = [
+        LoadVolumed(keys, allow_missing_keys=True, channel_names=channel_names, hu_window=hu_window),
+        KeepRowsd(keys, allow_missing_keys=True),
+    ]
     if spacing_mm is not None:
         transforms.append(resample_to_spacing(spacing_mm))
     if grid is not None:
-        from monai.transforms import Resized
-
-        transforms.append(
-            Resized(
-                keys=["image", "label"],
-                spatial_size=tuple(grid),
-                mode=["trilinear", "nearest"],
-                allow_missing_keys=True,
-            )
-        )
+        mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        transforms.append(Resized(keys=keys, spatial_size=tuple(grid), mode=[mode, "nearest"], allow_missing_keys=True))
     if augment and remove_organ_prob > 0 and remove_organ_ids:
         transforms.append(RandOrganRemovald("image", "label", remove_organ_ids, remove_organ_prob))
     if patch_size is not None:
-        transforms.append(PresenceAwareCropd(["image", "label"], "label", patch_size, prior or {}, num_classes))
+        transforms.append(PresenceAwareCropd(keys, "label", patch_size, prior or {}, num_classes))
     if augment:
-        transforms.append(augmentation(flip_axes=allowed_flip_axes(label_names)))
+        flip_axes, quarter_turns = augmentation_axes(label_names, spatial_dims)
+        transforms.append(augmentation(flip_axes=flip_axes, quarter_turns=quarter_turns, spatial_dims=spatial_dims))
     return Compose(transforms)

@@ -1,8 +1,9 @@
-"""Denoise images of any size with a trained autoencoder run: tiled, blended, written in the input's format.
+"""Denoise images of any size with a trained autoencoder run: windowed, blended, written in the input's format.
 
 `mednets denoise --run RUN IN OUT` calls `load_denoiser` and `denoise_paths`. Pixels are scaled to
-[0, 1] by their bit depth (`mednets.data.images2d`), denoised with overlapping tiles
-(`mednets.engine.tiling`) and written back with the input's dtype, channels and format: grey images
+[0, 1] by their bit depth (`mednets.data.images`), denoised with overlapping windows blended without
+seams (`mednets.engine.sliding_window`, seamless weights) and written back with the input's dtype,
+channels and format: grey images
 go through the RGB model as three equal channels and come back as their mean, an alpha channel is
 kept as it was, every page of a multi-page TIFF is denoised, and SVS slides (level 0) are written as
 TIFF.
@@ -19,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mednets.data.images2d import from_unit_range, list_image_files, to_unit_range
-from mednets.data.io import Volume, read_image, write_volume
-from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights
-from mednets.engine.tiling import tiled_apply
-from mednets.errors import CheckpointError, ConfigError, MednetsError
-from mednets.models import create_model, get_model_spec
+from mednets.data.images import from_unit_range, to_unit_range
+from mednets.data.io import list_image_files, read_image, write_volume
+from mednets.data.volume import Volume
+from mednets.engine.run import RunFolder
+from mednets.engine.sliding_window import sliding_window
+from mednets.errors import ConfigError, MednetsError
 
 __all__ = ["denoise_array", "denoise_image", "denoise_paths", "load_denoiser", "with_input_mean_colour"]
 
@@ -36,28 +37,21 @@ def load_denoiser(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", 
         CheckpointError: no checkpoint in the run folder.
         ConfigError: the run trained another task.
     """
-    folder = Path(run_dir) / "checkpoints" / checkpoint
-    if not folder.is_dir():
-        folder = Path(run_dir) / "checkpoints" / "last"
-    if not folder.is_dir():
-        raise CheckpointError("no checkpoint in run folder", source=str(run_dir), expected="a run of `mednets train`")
-    config = load_checkpoint_config(folder)
-    spec = get_model_spec(config.model.name)
+    folder = RunFolder(run_dir)
+    spec = folder.spec(checkpoint)
     if spec.task != "denoising":
         raise ConfigError("not a denoising run (use `mednets predict`)", source=str(run_dir), got=spec.task)
-    model = create_model(config.model.name, **config.model.overrides)
-    load_model_weights(folder, model)
-    return model.to(torch.device(device)).eval()
+    return folder.load_model(checkpoint, device)
 
 
 def denoise_array(
     model: nn.Module,
     rgb: torch.Tensor,
     *,
-    tile: int = 256,
-    overlap: int = 64,
-    margin: int = 16,
+    patch_size: int = 256,
+    overlap: float = 0.25,
     batch_size: int = 4,
+    size_multiple: int = 16,
     precision: str = "bf16",
     keep_mean_colour: bool = False,
 ) -> torch.Tensor:
@@ -66,20 +60,21 @@ def denoise_array(
     Args:
         model: a denoising autoencoder in eval mode.
         rgb: the noisy image.
-        tile, overlap, margin, batch_size: tiling (`tiled_apply`).
+        patch_size: window side.
+        overlap: fraction of a window shared with its neighbour (seamless blending).
+        batch_size: windows per forward pass.
+        size_multiple: window sides are multiples of this (the model's registry entry).
         precision: "bf16" (autocast) or "fp32".
-        keep_mean_colour: shift each tile's output so that its mean colour is the noisy tile's
+        keep_mean_colour: shift each window's output so that its mean colour is the noisy window's
             (`with_input_mean_colour`). Gaussian and Poisson noise and blur leave the mean colour
             unchanged, so this removes a colour cast the model learned from its training stains
-            (measured on held-out H&E tiles with a model trained on an IHC image: +1.6 dB on the
-            seed's noise mixture, -0.02 dB on gaussian noise; benchmarks/RESULTS.md, issue 8). Noise
-            that moves the mean (dense salt-and-pepper) keeps that shift.
+            (benchmarks/RESULTS.md); noise that moves the mean (dense salt-and-pepper) keeps that shift.
     """
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     network = (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
-    with torch.no_grad(), autocast:
-        out = tiled_apply(network, rgb.to(device), tile=tile, overlap=overlap, margin=margin, batch_size=batch_size)
+    rgb = rgb.to(next(model.parameters()).device)
+    out = sliding_window(network, rgb, (patch_size, patch_size), overlap=overlap, weights="seamless",
+                         size_multiple=size_multiple, batch_size=batch_size, precision=precision,
+                         accumulate_device=rgb.device)  # fmt: skip
     return out.clamp(0.0, 1.0)
 
 

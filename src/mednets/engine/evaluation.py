@@ -53,7 +53,11 @@ def _labels_of(truth_folder: Path) -> dict[str, int]:
 
 
 def evaluate_folders(
-    prediction_folder: str | Path, truth_folder: str | Path, *, nsd_tolerance_mm: float = 2.0, min_voxels: int = 10
+    prediction_folder: str | Path,
+    truth_folder: str | Path,
+    *,
+    nsd_tolerance_mm: float = 2.0,
+    min_voxels: int = anatomy.MIN_VOXELS,
 ) -> Evaluation:
     """Score every case present in both folders.
 

@@ -27,7 +27,6 @@ import contextlib
 import copy
 import io
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,15 +39,10 @@ import torch
 from torch import nn
 
 from mednets.atomic import atomic_write_bytes, atomic_write_text
-from mednets.engine.checkpoints import load_checkpoint_config
-from mednets.engine.denoise import load_denoiser
-from mednets.engine.inference import load_run
-from mednets.errors import CheckpointError, ConfigError, MednetsError, UnknownNameError
-from mednets.models import get_model_spec, lhanet
-from mednets.models.dynunet import DynUNetSegmenter
-from mednets.models.histo_autoencoder import DeepHistoAutoencoder, HistoAutoencoder
-from mednets.models.sadaan import SpatialAttentionMedicalSegmenter
-from mednets.models.unet import UNet
+from mednets.engine.run import RunFolder
+from mednets.errors import ConfigError, MednetsError, UnknownNameError
+from mednets.models import get_model_spec, list_models
+from mednets.tasks import AbsenceSegmentationTask, task_type
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -67,7 +61,7 @@ DEFAULT_OPSET = 17
 OPSETS = range(13, 21)  # what the TorchScript exporter of torch 2.13 writes and onnxruntime runs
 PARITY_TOLERANCE = 1e-4
 INPUT_NAME = "image"
-SADAAN_OUTPUTS = ("segmentation_logits", "segmentation_probs", "presence_probs", "confidence_scores")
+SADAAN_OUTPUTS = AbsenceSegmentationTask.export_outputs
 _AXIS_NAMES = {2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
@@ -94,28 +88,30 @@ def _import_runtime() -> tuple[ModuleType, ModuleType]:
     return onnx, onnxruntime
 
 
-def _interface(model: nn.Module) -> tuple[tuple[str, ...], dict[str, Any], int | None]:
-    """Output names, forward keyword arguments, and the spatial step of a dynamic graph (None: fixed sizes)."""
-    if isinstance(model, SpatialAttentionMedicalSegmenter):  # absolute position prior: the grid is fixed
-        return SADAAN_OUTPUTS, {"gating": False}, None
-    if isinstance(model, DynUNetSegmenter):
-        return ("logits",), {}, math.prod(model.net.strides)
-    if isinstance(model, UNet):
-        return ("logits",), {}, 16
-    if isinstance(model, HistoAutoencoder | DeepHistoAutoencoder):
-        return ("denoised",), {}, 16
-    if isinstance(model, lhanet.LHANet):  # resampling sizes are traced as constants
-        return ("logits",), {}, None
-    return ("output",), {}, None
+def _interface(model_name: str | None) -> tuple[tuple[str, ...] | None, dict[str, Any], int | None]:
+    """Output names, forward keyword arguments and the spatial step of a dynamic graph, from the registry.
+
+    A registered model exports its task's outputs (`Task.export_outputs`, else the model's own
+    `output_names`) and tries dynamic spatial axes in steps of its `export_multiple` (else
+    `size_multiple`) unless it is a whole-image model; an unregistered one exports its single output
+    at the example's size.
+    """
+    if model_name is None or model_name not in list_models():
+        return None, {}, None
+    spec = get_model_spec(model_name)
+    task = task_type(spec.task)
+    names = task.export_outputs or spec.output_names
+    step = None if spec.whole_image else (spec.export_multiple or spec.size_multiple)
+    return tuple(names), dict(task.call_options), step
 
 
 class _NamedOutputs(nn.Module):
     """The model with its outputs as a tuple of tensors, in the order of `names` (dict outputs picked by key)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], call_options: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str] | None, call_options: Mapping[str, Any]) -> None:
         super().__init__()
         self.model = model
-        self.names = tuple(names)
+        self.names = tuple(names or ("output",))
         self.call_options = dict(call_options)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -282,20 +278,45 @@ def export_onnx(
         raise ConfigError("is a folder", source=str(out_path), expected="the path of the .onnx file to write")
     onnx, onnxruntime = _import_runtime()
 
-    names, call_options, size_multiple = _interface(model)
+    names, call_options, size_multiple = _interface(model_name)
     graph = _NamedOutputs(copy.deepcopy(model), names, call_options)
     graph = graph.to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
+    names = graph.names
     example = example_input.detach().to("cpu", torch.float32).contiguous()
     if size_multiple is not None and not (
         dynamic_spatial and example.ndim - 2 in _AXIS_NAMES and all(n % size_multiple == 0 for n in example.shape[2:])
     ):
         size_multiple = None
+    if size_multiple is not None:
+        try:  # a graph that traced its sizes as constants fails the check at another size: export it fixed
+            return _export_checked(graph, example, out_path, names, size_multiple, opset, tolerance, onnx,
+                                   onnxruntime, model_name or type(model).__name__, metadata)  # fmt: skip
+        except ExportError:
+            size_multiple = None
+    return _export_checked(graph, example, out_path, names, None, opset, tolerance, onnx, onnxruntime,
+                           model_name or type(model).__name__, metadata)  # fmt: skip
+
+
+def _export_checked(
+    graph: _NamedOutputs,
+    example: torch.Tensor,
+    out_path: Path,
+    names: tuple[str, ...],
+    size_multiple: int | None,
+    opset: int,
+    tolerance: float,
+    onnx: ModuleType,
+    onnxruntime: ModuleType,
+    model_name: str,
+    metadata: Mapping[str, Any] | None,
+) -> Path:
+    """Trace, check against PyTorch at the example and at a second input, then write the graph and its sidecar."""
     second = _second_input(example, size_multiple)
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         expected = graph(example)  # the model checks the input here and raises its own typed errors
         expected_second = graph(second)
     dynamic_axes = _dynamic_axes(example, dict(zip(names, expected, strict=True)), size_multiple)
-    data = _trace(graph, example, names, dynamic_axes, opset, source=model_name or type(model).__name__)
+    data = _trace(graph, example, names, dynamic_axes, opset, source=model_name)
     try:
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     except Exception as error:  # onnx raises ValidationError, InferenceError, DecodeError
@@ -324,7 +345,7 @@ def export_onnx(
 
     record = {
         "format": "onnx",
-        "model": model_name or type(model).__name__,
+        "model": model_name,
         **dict(metadata or {}),
         "input": {"name": INPUT_NAME, "shape": list(example.shape), "dtype": "float32"},
         "outputs": {name: list(value.shape) for name, value in zip(names, expected, strict=True)},
@@ -344,27 +365,6 @@ def export_onnx(
     atomic_write_bytes(out_path, data)
     atomic_write_text(sidecar_path(out_path), json.dumps(record, indent=2))
     return out_path
-
-
-def _checkpoint_folder(run_dir: Path, checkpoint: str) -> Path:
-    """`run_dir/checkpoints/<checkpoint>`, else `last`, as the loaders pick it."""
-    for folder in (run_dir / "checkpoints" / checkpoint, run_dir / "checkpoints" / "last"):
-        if folder.is_dir():
-            return folder
-    raise CheckpointError("no checkpoint in run folder", source=str(run_dir / "checkpoints"),
-                          expected=f"{checkpoint}/ or last/ written by `mednets train`")  # fmt: skip
-
-
-def _input_channels(model: nn.Module, default: int) -> int:
-    """Input channels of a built model (`in_channels`, or UNet's `n_channels`)."""
-    return int(getattr(model, "in_channels", getattr(model, "n_channels", default)))
-
-
-def _tile_size(run_dir: Path, default: tuple[int, ...]) -> tuple[int, ...]:
-    """The tile side a denoising run trained on (its `preprocessing.json`), as `(H, W)`."""
-    path = run_dir / "preprocessing.json"
-    tile = json.loads(path.read_text(encoding="utf-8")).get("tile_size") if path.is_file() else None
-    return (tile, tile) if tile else default
 
 
 def export_run(
@@ -402,18 +402,14 @@ def export_run(
         raise UnknownNameError("unknown export format", source="format", expected=f"one of {list(FORMATS)}",
                                got=repr(format))  # fmt: skip
     _import_runtime()  # fail before loading anything
-    run_dir = Path(run_dir)
-    folder = _checkpoint_folder(run_dir, checkpoint)
-    spec = get_model_spec(load_checkpoint_config(folder).model.name)
-    if spec.task == "denoising":
-        model = load_denoiser(run_dir, checkpoint=checkpoint)
-        spatial = _tile_size(run_dir, spec.input_size)
-    else:
-        run = load_run(run_dir, checkpoint=checkpoint)
-        model = run.model
-        spatial = run.preprocessing.get("grid") or run.preprocessing.get("patch_size") or spec.input_size
+    run = RunFolder(run_dir)
+    folder = run.checkpoint_dir(checkpoint)
+    spec = run.spec(checkpoint)
+    model = run.load_model(checkpoint)
+    spatial = run.preprocessing.window or spec.input_size
+    channels = next(m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
     generator = torch.Generator().manual_seed(0)
-    example = torch.rand(1, _input_channels(model, spec.in_channels), *spatial, generator=generator)
+    example = torch.rand(1, channels, *spatial, generator=generator)
     return export_onnx(
         model,
         example,
@@ -421,5 +417,5 @@ def export_run(
         opset=DEFAULT_OPSET if opset is None else opset,
         tolerance=PARITY_TOLERANCE if tolerance is None else tolerance,
         model_name=spec.name,
-        metadata={"run": str(run_dir), "checkpoint": folder.name},
+        metadata={"run": str(run.path), "checkpoint": folder.name},
     )

@@ -4,7 +4,7 @@ The loop knows no model: a `Task` turns outputs into losses and metrics. It runs
 warm-up and cosine decay, gradient accumulation and clipping, bf16 autocast (CPU and CUDA) or fp16
 with a GradScaler (CUDA), channels-last, gradient checkpointing, a step and a time budget, and DDP
 when launched by `torchrun`; freed host memory is kept for reuse while it trains
-(`train.keep_freed_memory`, `engine.host_memory`: no page faults on every step's activations).
+(`train.keep_freed_memory`, `mednets.host_memory`: no page faults on every step's activations).
 Resuming restores weights, optimizer, scheduler, RNG states and the position in the data order, so
 a resumed run ends where an uninterrupted one would.
 
@@ -33,8 +33,8 @@ from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, save_config
 from mednets.engine.checkpoints import load_model_weights, load_trainer_state, save_checkpoint
 from mednets.engine.distributed import DistributedContext, all_reduce_sum, barrier
-from mednets.engine.host_memory import reuse_freed_memory
 from mednets.errors import CheckpointError, ConfigError, TrainingError
+from mednets.host_memory import reuse_freed_memory
 from mednets.models.base import memory_format_for
 from mednets.tasks import Task
 
@@ -192,6 +192,7 @@ class Trainer:
         progress: show a progress bar (main process only).
         infer: how to run the model on a validation image (default: one forward pass); e.g. a
             sliding-window inferer for patch-trained models.
+        spatial_dims: 2 or 3, for the channels-last layout (default: the model's `spatial_dims`, else 2).
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class Trainer:
         context: DistributedContext | None = None,
         progress: bool = True,
         infer: Any = None,
+        spatial_dims: int | None = None,
     ) -> None:
         self.config, self.task, self.train_set, self.val_set = config, task, train_set, val_set
         self.run_dir = Path(run_dir)
@@ -217,7 +219,7 @@ class Trainer:
         if settings.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("fp16 needs CUDA (use bf16 on CPU)", source="train.precision", expected="bf16 or fp32")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-        spatial_dims = getattr(model, "spatial_dims", 2)
+        spatial_dims = spatial_dims or getattr(model, "spatial_dims", 2)
         self.memory_format = memory_format_for(spatial_dims) if settings.channels_last else None
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(settings.gradient_checkpointing)

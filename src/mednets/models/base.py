@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mednets.errors import InvalidInputError
-from mednets.models.fused import conv1x1, norm_relu_project, supports_fused_tail
+from mednets.models.kernels import conv1x1, norm_relu_project, supports_fused_tail
 
 __all__ = ["MednetsModel", "memory_format_for", "check_input"]
 
@@ -117,7 +117,7 @@ class MednetsModel(nn.Module):
         bias left out with `projection_bias=False`) and any parameter-free layers after it (a sigmoid).
         For full-resolution branches such as SADAAn's attention, feature-matching and segmentation
         branches, whose normalised and activated maps are full-size while the projection has a few
-        channels: batch norms and `InstanceNorm`s run `mednets.models.fused.norm_relu_project`
+        channels: batch norms and `InstanceNorm`s run `mednets.models.kernels.norm_relu_project`
         (only the norm's input is kept, and the backward holds two full-size temporaries instead of
         three); other norms recompute the tail through checkpointing. Running statistics are updated
         once. With the checkpointing switch on, the whole block is checkpointed instead.

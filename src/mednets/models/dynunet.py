@@ -14,7 +14,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from mednets.models.base import MednetsModel, check_input
-from mednets.models.blocks import BF16SafeConv3d, instance_norms_as_group_norms
+from mednets.models.kernels import BF16SafeConv3d, instance_norms_as_group_norms
 from mednets.models.registry import register_model
 
 __all__ = ["DynUNetSegmenter"]
@@ -22,6 +22,9 @@ __all__ = ["DynUNetSegmenter"]
 
 class DynUNetSegmenter(MednetsModel):
     """nnU-Net-style U-Net: `[B, in_channels, *S] -> [B, out_channels, *S]` logits.
+
+    Every spatial side must be a multiple of `2 ** (len(filters) - 1)` (16 for five levels): the
+    decoder concatenates its skips without padding.
 
     Args:
         in_channels: input channels.
@@ -40,6 +43,7 @@ class DynUNetSegmenter(MednetsModel):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        self.out_channels = out_channels
         levels = len(filters)
         self.net = DynUNet(
             spatial_dims=spatial_dims,
@@ -74,10 +78,11 @@ class DynUNetSegmenter(MednetsModel):
     out_channels=14,
     input_size=(64, 64, 64),
     description="MONAI DynUNet (nnU-Net architecture), 16-256 channels: the baseline without a presence head",
+    output_names=("logits",),
+    size_multiple=16,
     param_count=5_643_422,
     tiny_overrides={"filters": (4, 8, 16, 32, 64)},
     tiny_input_size=(16, 32, 32),
-    out_channels_option="out_channels",
 )
 def dynunet(in_channels: int = 1, out_channels: int = 14, filters: Sequence[int] = (16, 32, 64, 128, 256)) -> nn.Module:
     return DynUNetSegmenter(in_channels, out_channels, filters)

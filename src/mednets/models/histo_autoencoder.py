@@ -5,6 +5,9 @@ space. Layer names follow the seed's layer tables (`encoder1.0`, `decoder3.3.con
 transposed convolutions have kernel 4, stride 2, padding 1, and each decoder stage after the first
 concatenates its upsampled features with the encoder output at the same resolution (the *pooled*
 output in `HistoAutoencoder`). Sizes must be divisible by 16.
+
+The seed's output has the input's channels; `out_channels` (default: `in_channels`) changes only the
+last 1x1 convolution, e.g. for a grey-to-colour model.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from mednets.models.registry import register_model
 __all__ = ["HistoAutoencoder", "DeepHistoAutoencoder"]
 
 _LAYER = dict(norm_kind="batch", act="leaky_relu", bias=True)
+# Four 2x halvings: every side must be a multiple of 16 for the skips to line up.
+SIZE_MULTIPLE = 16
 
 
 def _upsample(in_channels: int, out_channels: int) -> ConvNormAct:
@@ -45,16 +50,18 @@ def _check_divisible(x: torch.Tensor, factor: int) -> None:
 
 
 class HistoAutoencoder(MednetsModel):
-    """U-Net denoising autoencoder: `[B, C, H, W] -> [B, C, H, W]` in [0, 1]; 34,544,963 parameters at defaults.
+    """U-Net denoising autoencoder: `[B, C, H, W] -> [B, C_out, H, W]` in [0, 1]; 34,544,963 parameters at defaults.
 
     Args:
         in_channels: image channels (3 for RGB).
         base_channels: width of the first stage (seed: 64).
+        out_channels: output image channels (default, as in the seed: `in_channels`).
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64) -> None:
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, out_channels: int | None = None) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
         c = [base_channels * 2**k for k in range(5)]
         self.encoder1 = self._encoder(in_channels, c[0])
         self.encoder2 = self._encoder(c[0], c[1])
@@ -65,7 +72,7 @@ class HistoAutoencoder(MednetsModel):
         self.decoder3 = self._decoder(c[3] + c[2], c[2])
         self.decoder2 = self._decoder(c[2] + c[1], c[1])
         self.decoder1 = self._decoder(c[1] + c[0], c[0])
-        self.final = _output_head(c[0], in_channels)
+        self.final = _output_head(c[0], self.out_channels)
 
     @staticmethod
     def _encoder(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -79,7 +86,7 @@ class HistoAutoencoder(MednetsModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=2)
-        _check_divisible(x, 16)
+        _check_divisible(x, SIZE_MULTIPLE)
         enc1 = self.run_block(self.encoder1, x)  # [B, 64, H/2, W/2]
         enc2 = self.run_block(self.encoder2, enc1)  # [B, 128, H/4, W/4]
         enc3 = self.run_block(self.encoder3, enc2)  # [B, 256, H/8, W/8]
@@ -89,11 +96,11 @@ class HistoAutoencoder(MednetsModel):
         dec3 = self.run_block(self.decoder3, torch.cat([dec4, enc3], 1))  # [B, 768 -> 256, H/4, W/4]
         dec2 = self.run_block(self.decoder2, torch.cat([dec3, enc2], 1))  # [B, 384 -> 128, H/2, W/2]
         dec1 = self.run_block(self.decoder1, torch.cat([dec2, enc1], 1))  # [B, 192 -> 64, H, W]
-        return self.run_block(self.final, dec1)  # [B, 3, H, W] in [0, 1]
+        return self.run_block(self.final, dec1)  # [B, C_out, H, W] in [0, 1]
 
 
 class DeepHistoAutoencoder(MednetsModel):
-    """ResNet + U-Net denoising autoencoder: `[B, C, H, W] -> [B, C, H, W]` in [0, 1]; 133,288,259 parameters.
+    """ResNet + U-Net denoising autoencoder: `[B, C, H, W] -> [B, C_out, H, W]` in [0, 1]; 133,288,259 parameters.
 
     A 7x7 stem, four strided encoder stages with two residual blocks each, three residual blocks in
     the bottleneck, and four transposed-conv decoder stages with one residual block each.
@@ -101,11 +108,13 @@ class DeepHistoAutoencoder(MednetsModel):
     Args:
         in_channels: image channels (3 for RGB).
         base_channels: width of the stem (seed: 64).
+        out_channels: output image channels (default, as in the seed: `in_channels`).
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64) -> None:
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, out_channels: int | None = None) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
         c = [base_channels * 2**k for k in range(5)]
         self.initial = ConvNormAct(2, in_channels, c[0], 7, **_LAYER)
         self.encoder1 = self._encoder(c[0], c[1])
@@ -117,7 +126,7 @@ class DeepHistoAutoencoder(MednetsModel):
         self.decoder3 = self._decoder(c[3] + c[3], c[2])
         self.decoder2 = self._decoder(c[2] + c[2], c[1])
         self.decoder1 = self._decoder(c[1] + c[1], c[0])
-        self.final = _output_head(c[0], in_channels)
+        self.final = _output_head(c[0], self.out_channels)
 
     @staticmethod
     def _residual(channels: int) -> ResidualBlock:
@@ -134,7 +143,7 @@ class DeepHistoAutoencoder(MednetsModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=2)
-        _check_divisible(x, 16)
+        _check_divisible(x, SIZE_MULTIPLE)
         x = self.run_block(self.initial, x)  # [B, 64, H, W]
         enc1 = self.run_block(self.encoder1, x)  # [B, 128, H/2, W/2]
         enc2 = self.run_block(self.encoder2, enc1)  # [B, 256, H/4, W/4]
@@ -145,7 +154,7 @@ class DeepHistoAutoencoder(MednetsModel):
         dec3 = self.run_block(self.decoder3, torch.cat([dec4, enc3], 1))  # [B, 1024 -> 256, H/4, W/4]
         dec2 = self.run_block(self.decoder2, torch.cat([dec3, enc2], 1))  # [B, 512 -> 128, H/2, W/2]
         dec1 = self.run_block(self.decoder1, torch.cat([dec2, enc1], 1))  # [B, 256 -> 64, H, W]
-        return self.run_block(self.final, dec1)  # [B, 3, H, W] in [0, 1]
+        return self.run_block(self.final, dec1)  # [B, C_out, H, W] in [0, 1]
 
 
 @register_model(
@@ -155,13 +164,15 @@ class DeepHistoAutoencoder(MednetsModel):
     in_channels=3,
     out_channels=3,
     input_size=(256, 256),
+    output_names=("denoised",),
+    size_multiple=SIZE_MULTIPLE,
     description="U-Net denoising autoencoder for H&E tiles (seed 001), sigmoid output",
     param_count=34_544_963,
     tiny_overrides={"base_channels": 8},
     tiny_input_size=(32, 48),
 )
-def histo_autoencoder(in_channels: int = 3, base_channels: int = 64) -> nn.Module:
-    return HistoAutoencoder(in_channels, base_channels)
+def histo_autoencoder(in_channels: int = 3, out_channels: int = 3, base_channels: int = 64) -> nn.Module:
+    return HistoAutoencoder(in_channels, base_channels, out_channels)
 
 
 @register_model(
@@ -171,10 +182,12 @@ def histo_autoencoder(in_channels: int = 3, base_channels: int = 64) -> nn.Modul
     in_channels=3,
     out_channels=3,
     input_size=(256, 256),
+    output_names=("denoised",),
+    size_multiple=SIZE_MULTIPLE,
     description="ResNet + U-Net denoising autoencoder for H&E tiles (seed 001), sigmoid output",
     param_count=133_288_259,
     tiny_overrides={"base_channels": 8},
     tiny_input_size=(32, 48),
 )
-def deep_histo_autoencoder(in_channels: int = 3, base_channels: int = 64) -> nn.Module:
-    return DeepHistoAutoencoder(in_channels, base_channels)
+def deep_histo_autoencoder(in_channels: int = 3, out_channels: int = 3, base_channels: int = 64) -> nn.Module:
+    return DeepHistoAutoencoder(in_channels, base_channels, out_channels)

@@ -25,7 +25,7 @@ on the coarsest features, so the routed decoder paths and the PMSA levels never 
 every routed level lies on the path to the prediction. Its PMSA ran 7^3 convolutions on 512
 channels (280M parameters); here PMSA works on a quarter of each level's width (at most
 `pmsa_channels`) and takes large receptive fields from pooling, not from kernel size, so the
-lightweight build has about 5M parameters in all and the standard one about 36M (33.2M of them
+lightweight build has about 5.5M parameters in all and the standard one about 37M (33.2M of them
 the ResNet3D-18 backbone).
 """
 
@@ -46,17 +46,15 @@ from mednets.models.blocks import (
     Down,
     ResidualBlock,
     activation,
-    average_pool,
     conv,
-    global_average_pool,
     max_pool,
     norm,
 )
-from mednets.models.registry import register_model
+from mednets.models.kernels import average_pool, global_average_pool
+from mednets.models.registry import register_model, register_variant
 
 __all__ = [
     "SCALES",
-    "ORGAN_SIZES",
     "BACKBONES",
     "Backbone",
     "LightweightBackbone",
@@ -75,7 +73,6 @@ __all__ = [
 ]
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
-ORGAN_SIZES = ("small", "medium", "large")
 SIZE_RATES = (1, 2, 4)  # pooling rates of the small/medium/large paths: receptive fields ~3, 6, 12 voxels
 PMSA_REDUCTION = 4  # PMSA width is channels // 4 (capped by pmsa_channels): narrow where maps are large
 
@@ -91,8 +88,7 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resample the spatial axes of `x` `[B, C, *S]` to `size` (linear interpolation); no-op when equal.
 
     On CPU a bf16/fp16 map is interpolated in float32 and rounded back once: the float32 kernel is
-    faster than the bf16 one (LHA-Net lightweight's bf16 forward at [2, 1, 64, 64, 64]: 137 ms
-    against 154 ms, interleaved) and rounds once instead of per term.
+    faster than the bf16 one and rounds once instead of per term.
     """
     size = tuple(int(n) for n in size)
     if tuple(x.shape[2:]) == size:
@@ -237,8 +233,8 @@ class ReceptiveFieldBranch(nn.Module):
 
     At `rate` r the map is average-pooled by r, convolved and upsampled back (linear), so the
     receptive field is about 3r voxels at 1/r^3 of the cost. Pooling rather than dilation: on CPU,
-    dilated and depthwise 3D convolutions run on slow reference kernels (measured 2-10x slower,
-    forward and backward), while a pooled dense convolution is the fast kernel on fewer voxels.
+    dilated and depthwise 3D convolutions run on slow reference kernels, forward and backward, while
+    a pooled dense convolution is the fast kernel on fewer voxels.
     No normalisation: a pooled map can be a single voxel, which instance norm would zero; the
     branches are residual refinements of a normalised input. `[B, C_in, *S] -> [B, C_out, *S]`.
 
@@ -289,8 +285,7 @@ class OrganSizePaths(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gates = torch.softmax(self.router(x), dim=1)  # [B, n_paths, *S], sums to 1 per voxel
-        # Mixed in (at least) float32: a bf16 gate broadcast over a bf16 map's channels runs a slow CPU kernel
-        # (measured 20.7 ms against 4.2 ms for the full-resolution decoder level).
+        # Mixed in (at least) float32: a bf16 gate broadcast over a bf16 map's channels runs a slow CPU kernel.
         weights = gates.to(torch.promote_types(gates.dtype, torch.float32))
         mixed, dtype = None, gates.dtype
         for p, path in enumerate(self.paths):
@@ -585,7 +580,7 @@ class LHANet(MednetsModel):
 
     Args:
         in_channels: input channels.
-        num_classes: output classes (background + 13 organs by default).
+        num_classes: output classes, background + 13 organs by default (`create_model`'s `out_channels`).
         backbone: `lightweight` or `resnet18_3d`.
         backbone_channels: five stage widths (default: the backbone's own).
         pmsa_channels: cap on the width of PMSA's multi-scale path.
@@ -652,6 +647,11 @@ class LHANet(MednetsModel):
             else None
         )
 
+    @property
+    def out_channels(self) -> int:
+        """Alias of `num_classes`, the name `create_model` uses."""
+        return self.num_classes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, Any]:
         check_input(x, channels=self.in_channels, spatial_dims=self.spatial_dims)
         f0, f1, f2, f3, f4 = self.backbone(x, self.run_block)  # [B, c_k, *S / stride_k], finest first
@@ -684,25 +684,28 @@ _TINY_STANDARD = {"backbone_channels": (4, 4, 8, 8, 16), "pmsa_channels": 4, "de
     in_channels=1,
     out_channels=14,
     input_size=(64, 128, 128),
+    output_names=("logits",),
+    size_multiple=1,
     description="LHA-Net (seed 003), lightweight backbone: 5-scale PMSA on 4 levels, organ-size-aware decoder",
     param_count=5_507_066,
     tiny_overrides=_TINY_LIGHTWEIGHT,
     tiny_input_size=(32, 32, 24),
-    out_channels_option="num_classes",
 )
 def lhanet_lightweight(
     in_channels: int = 1,
-    num_classes: int = 14,
-    backbone_channels: Sequence[int] = (16, 32, 64, 128, 256),
+    out_channels: int = 14,
+    backbone: str = "lightweight",
+    backbone_channels: Sequence[int] = DEFAULT_BACKBONE_CHANNELS["lightweight"],
     pmsa_channels: int = 64,
     decoder_channels: Sequence[int] = (96, 64, 32, 16),
     deep_supervision: bool = True,
     norm_kind: str = "instance",
 ) -> nn.Module:
+    """LHA-Net (`out_channels` is `LHANet`'s `num_classes`); logits in eval mode, any input size."""
     return LHANet(
         in_channels,
-        num_classes,
-        backbone="lightweight",
+        out_channels,
+        backbone=backbone,
         backbone_channels=backbone_channels,
         pmsa_channels=pmsa_channels,
         decoder_channels=decoder_channels,
@@ -711,35 +714,14 @@ def lhanet_lightweight(
     )
 
 
-@register_model(
+register_variant(
     "lhanet_standard",
-    task="segmentation",
-    spatial_dims=3,
-    in_channels=1,
-    out_channels=14,
-    input_size=(64, 128, 128),
+    "lhanet_lightweight",
     description="LHA-Net (seed 003), ResNet3D-18 backbone: 5-scale PMSA on 4 levels, organ-size-aware decoder",
     param_count=37_227_570,
+    backbone="resnet18_3d",
+    backbone_channels=DEFAULT_BACKBONE_CHANNELS["resnet18_3d"],
+    decoder_channels=(128, 96, 64, 32),
     tiny_overrides=_TINY_STANDARD,
     tiny_input_size=(40, 33, 36),
-    out_channels_option="num_classes",
 )
-def lhanet_standard(
-    in_channels: int = 1,
-    num_classes: int = 14,
-    backbone_channels: Sequence[int] = (64, 64, 128, 256, 512),
-    pmsa_channels: int = 64,
-    decoder_channels: Sequence[int] = (128, 96, 64, 32),
-    deep_supervision: bool = True,
-    norm_kind: str = "instance",
-) -> nn.Module:
-    return LHANet(
-        in_channels,
-        num_classes,
-        backbone="resnet18_3d",
-        backbone_channels=backbone_channels,
-        pmsa_channels=pmsa_channels,
-        decoder_channels=decoder_channels,
-        deep_supervision=deep_supervision,
-        norm_kind=norm_kind,
-    )

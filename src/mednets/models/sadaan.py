@@ -40,8 +40,9 @@ from torch import nn
 
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.models.base import MednetsModel, check_input
-from mednets.models.blocks import DoubleConv, conv, conv_transpose, global_average_pool, max_pool, norm
-from mednets.models.registry import register_model
+from mednets.models.blocks import DoubleConv, conv, conv_transpose, max_pool, norm
+from mednets.models.kernels import global_average_pool
+from mednets.models.registry import register_model, register_variant
 
 __all__ = [
     "Encoder",
@@ -52,6 +53,7 @@ __all__ = [
     "resize_grid",
     "ABSENT_LOGIT",
     "GRID_MULTIPLE",
+    "OUTPUT_NAMES",
 ]
 
 # Logit given to structures judged absent: finite (losses on gated outputs stay finite) and far
@@ -59,6 +61,19 @@ __all__ = [
 ABSENT_LOGIT = -1.0e4
 # Four 2x poolings in the encoder: every grid side must be divisible by 16.
 GRID_MULTIPLE = 16
+# The keys of `SpatialAttentionMedicalSegmenter.forward`'s output, in order: the seed's nine, then `present`.
+OUTPUT_NAMES = (
+    "attention_maps",
+    "feature_responses",
+    "alignment_scores",
+    "position_priors",
+    "absence_logits",
+    "presence_probs",
+    "confidence_scores",
+    "segmentation_logits",
+    "segmentation_probs",
+    "present",
+)
 # The seed's MLP widths (absence classifier 129 -> 64 -> 32 -> 2, confidence head F -> 64 -> S).
 _CLASSIFIER_WIDTHS = (64, 32)
 _CONFIDENCE_WIDTH = 64
@@ -359,11 +374,12 @@ class SegmentationHead(MednetsModel):
 class SpatialAttentionMedicalSegmenter(MednetsModel):
     """SADAAn: segmentation of `S` structures with presence detection and presence gating.
 
-    At the defaults (5 structures, 64³ grid) the model has the seed's 8,019,230 parameters.
+    At the defaults (5 structures, 64³ grid) the model has the seed's 8,019,230 parameters. The seed's
+    signature: `num_structures` is what `create_model` calls `out_channels`.
 
     Args:
         in_channels: image channels.
-        num_structures: number of structures `S`.
+        num_structures: number of structures `S` (`out_channels`).
         spatial_dims: the grid `(D, H, W)` the model sees (the seed's name; stored as `grid_size`,
             while the class attribute `spatial_dims` stays the number of axes, 3). Each side must be
             divisible by 16. Inputs must have exactly this size: the position prior is absolute.
@@ -426,6 +442,11 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
             feature_channels, num_structures, replicated=replicated_head, norm_kind=norm_kind
         )
 
+    @property
+    def out_channels(self) -> int:
+        """Alias of the seed's `num_structures`, the name `create_model` uses."""
+        return self.num_structures
+
     def init_from_label_frequency(
         self, frequency: torch.Tensor, floor: float = 0.5, smallest_share: torch.Tensor | None = None
     ) -> None:
@@ -437,8 +458,7 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
         training set (an atlas, `mednets.data.loaders.label_atlas`) gives the model its
         anatomy at step 0; training refines it. The segmentation bias starts at the logit of each
         structure's mean frequency, so the first steps do not spend themselves learning that most
-        voxels are background. (A floor of 0.01 on that frequency, RetinaNet's prior, was measured
-        worse: validation Dice 0.49 against 0.62 after 400 steps of `configs/sadaan_phantoms.yaml`.)
+        voxels are background. (A floor of 0.01 on that frequency, RetinaNet's prior, trained worse.)
         With `presence_evidence`, the painted share at which the evidence is neutral starts at a
         quarter of each structure's smallest share in training (the rule of `mednets predict`'s volume
         floor, so a fragment cut by the field of view that the floor keeps is not gated either), or of
@@ -591,15 +611,17 @@ def resize_grid(model: SpatialAttentionMedicalSegmenter, new_dims: Sequence[int]
     in_channels=1,
     out_channels=5,
     input_size=(64, 64, 64),
+    output_names=OUTPUT_NAMES,
+    size_multiple=GRID_MULTIPLE,
+    whole_image=True,
     description="SADAAn (seed 000): 5 structures on a 64³ grid, 16-256 channel encoder, 128 features",
     param_count=8_019_230,
     tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
     tiny_input_size=(16, 16, 16),
-    out_channels_option="num_structures",
 )
 def sadaan(
     in_channels: int = 1,
-    num_structures: int = 5,
+    out_channels: int = 5,
     grid_size: Sequence[int] = (64, 64, 64),
     base_channels: int = 16,
     feature_channels: int = 128,
@@ -610,10 +632,10 @@ def sadaan(
     normalise_alignment: bool = False,
     presence_evidence: bool = False,
 ) -> nn.Module:
-    """The seed configuration (`grid_size` is the seed's `spatial_dims` argument)."""
+    """The seed configuration: `out_channels` is the seed's `num_structures`, `grid_size` its `spatial_dims`."""
     return SpatialAttentionMedicalSegmenter(
         in_channels,
-        num_structures,
+        out_channels,
         grid_size,
         base_channels=base_channels,
         feature_channels=feature_channels,
@@ -626,50 +648,16 @@ def sadaan(
     )
 
 
-@register_model(
+# CPU preset for the 13 organs of BTCV: the seed's architecture at half the encoder width, a quarter of
+# the feature width and a 48³ grid, sized so that a bf16 channels_last_3d training step fits a CPU budget
+# (`benchmarks/bench_sadaan.py`). 1,437,696 of its parameters are the position prior.
+register_variant(
     "sadaan_fast",
-    task="absence_segmentation",
-    spatial_dims=3,
-    in_channels=1,
-    out_channels=13,
-    input_size=(48, 48, 48),
-    description="SADAAn CPU preset: 13 organs, 48³ grid, 8-128 channel encoder, 32 features; bf16 train step 0.39 s",
+    "sadaan",
+    description="SADAAn CPU preset: 13 organs, 48³ grid, 8-128 channel encoder, 32 features",
     param_count=2_973_678,
-    tiny_overrides={"grid_size": (16, 16, 16), "base_channels": 4, "feature_channels": 8},
-    tiny_input_size=(16, 16, 16),
-    out_channels_option="num_structures",
+    out_channels=13,
+    grid_size=(48, 48, 48),
+    base_channels=8,
+    feature_channels=32,
 )
-def sadaan_fast(
-    in_channels: int = 1,
-    num_structures: int = 13,
-    grid_size: Sequence[int] = (48, 48, 48),
-    base_channels: int = 8,
-    feature_channels: int = 32,
-    presence_threshold: float | Sequence[float] = 0.5,
-    gating: bool = True,
-    replicated_head: bool = False,
-    norm_kind: str = "batch",
-    normalise_alignment: bool = False,
-    presence_evidence: bool = False,
-) -> nn.Module:
-    """CPU preset: the seed's architecture, half the encoder width, a quarter of the feature width, a 48³ grid.
-
-    The 13 organs of BTCV. 2,973,678 parameters (1,437,696 of them the position prior). Chosen so
-    that a bf16 + `channels_last_3d` training step (forward, `SpatialAttentionLoss`, backward, Adam)
-    at batch 2 takes under 1.5 s on the 2-core development CPU (AVX-512 BF16, no AMX): measured
-    0.39 s and 517 MB peak (`benchmarks/bench_sadaan.py`, median of 3 steps after a warm-up, CPU
-    otherwise idle). Forward (eval, no gradients): 0.12 s, 157 MB peak.
-    """
-    return SpatialAttentionMedicalSegmenter(
-        in_channels,
-        num_structures,
-        grid_size,
-        base_channels=base_channels,
-        feature_channels=feature_channels,
-        presence_threshold=presence_threshold,
-        gating=gating,
-        replicated_head=replicated_head,
-        norm_kind=norm_kind,
-        normalise_alignment=normalise_alignment,
-        presence_evidence=presence_evidence,
-    )

@@ -12,7 +12,7 @@ from torch import nn
 
 from mednets.models.base import MednetsModel, check_input
 from mednets.models.blocks import DoubleConv, Down, Up, conv
-from mednets.models.registry import register_model
+from mednets.models.registry import register_model, register_variant
 
 __all__ = ["UNet"]
 
@@ -20,9 +20,12 @@ __all__ = ["UNet"]
 class UNet(MednetsModel):
     """UNet: `[B, n_channels, *S] -> [B, n_classes, *S]` logits.
 
+    The seed's signature: `n_channels` and `n_classes` are what `create_model` calls `in_channels` and
+    `out_channels` (also readable as attributes of those names).
+
     Args:
-        n_channels: input channels.
-        n_classes: output channels (logits).
+        n_channels: input channels (`in_channels`).
+        n_classes: output channels, logits (`out_channels`).
         bilinear: interpolation upsampling instead of transposed convolutions (halves the
             bottleneck width, as in the seed).
         spatial_dims: 2 or 3.
@@ -58,6 +61,16 @@ class UNet(MednetsModel):
         self.up4 = Up(spatial_dims, c[1], c[0], interpolate=bilinear, norm_kind=norm)
         self.outc = conv(spatial_dims, c[0], n_classes, 1)
 
+    @property
+    def in_channels(self) -> int:
+        """Alias of the seed's `n_channels`."""
+        return self.n_channels
+
+    @property
+    def out_channels(self) -> int:
+        """Alias of the seed's `n_classes`."""
+        return self.n_classes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.n_channels, spatial_dims=self.spatial_dims)
         x1 = self.run_block(self.inc, x)  # [B, c0, *S]
@@ -79,32 +92,37 @@ class UNet(MednetsModel):
     in_channels=3,
     out_channels=1,
     input_size=(512, 512),
+    output_names=("logits",),
+    size_multiple=1,
+    export_multiple=16,
     description="UNet 2D (seed 004): transposed-conv upsampling, 64-1024 channels",
     param_count=31_037_633,
     tiny_overrides={},
     tiny_input_size=(37, 45),
-    out_channels_option="n_classes",
 )
 def unet(
-    n_channels: int = 3, n_classes: int = 1, bilinear: bool = False, base_channels: int = 64, norm: str = "batch"
+    in_channels: int = 3,
+    out_channels: int = 1,
+    bilinear: bool = False,
+    spatial_dims: int = 2,
+    base_channels: int = 64,
+    norm: str = "batch",
 ) -> nn.Module:
-    return UNet(n_channels, n_classes, bilinear, spatial_dims=2, base_channels=base_channels, norm=norm)
+    """The seed's UNet (`in_channels`, `out_channels` are its `n_channels`, `n_classes`)."""
+    return UNet(in_channels, out_channels, bilinear, spatial_dims=spatial_dims, base_channels=base_channels, norm=norm)
 
 
-@register_model(
+register_variant(
     "unet3d",
-    task="segmentation",
+    "unet",
+    description="UNet 3D: the seed architecture in 3D, instance norm, 16-256 channels, patch-wise",
+    param_count=5_646_606,
     spatial_dims=3,
     in_channels=1,
     out_channels=14,
+    base_channels=16,
+    norm="instance",
     input_size=(64, 128, 128),
-    description="UNet 3D: the seed architecture in 3D, instance norm, 16-256 channels, patch-wise",
-    param_count=5_646_606,
     tiny_overrides={"base_channels": 4},
     tiny_input_size=(17, 35, 37),
-    out_channels_option="n_classes",
 )
-def unet3d(
-    n_channels: int = 1, n_classes: int = 14, bilinear: bool = False, base_channels: int = 16, norm: str = "instance"
-) -> nn.Module:
-    return UNet(n_channels, n_classes, bilinear, spatial_dims=3, base_channels=base_channels, norm=norm)

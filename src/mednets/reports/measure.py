@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mednets.engine.host_memory import reuse_freed_memory
+from mednets.host_memory import reuse_freed_memory
 
 __all__ = [
     "Measured",

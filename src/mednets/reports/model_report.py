@@ -23,6 +23,7 @@ from mednets.atomic import atomic_write_text
 from mednets.errors import ConfigError
 from mednets.models import create_model, get_model_spec
 from mednets.reports.figures import figure_to_base64, plot_data_flow, plot_parameter_breakdown
+from mednets.reports.html import MODEL_CSS, page, table
 from mednets.reports.measure import count_flops, median_time, run_measured
 
 __all__ = [
@@ -334,12 +335,6 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _layer_table(m: ModelMeasurements) -> tuple[list[str], list[list[str]]]:
     header = ["Layer", "Type", "Input shape", "Output shape", "Params"]
     rows = [
@@ -382,12 +377,12 @@ def render_markdown(models: Sequence[ModelMeasurements], figures: dict[str, dict
         parts += ["## Comparison", "", _md_table(*_comparison_rows(models)), ""]
     for m in models:
         parts += [f"## {m.name}", "", m.description, ""]
-        for title, text, table in _sections(m):
+        for title, text, rows_table in _sections(m):
             parts += [f"### {title}", ""]
             if text:
                 parts += ["```", text, "```", ""]
-            if table:
-                parts += [_md_table(*table), ""]
+            if rows_table:
+                parts += [_md_table(*rows_table), ""]
             if title.startswith("Parameter breakdown by component"):
                 parts += [f"![parameters]({figures[m.name]['parameters']})", ""]
             if title == "Data-flow map":
@@ -395,24 +390,15 @@ def render_markdown(models: Sequence[ModelMeasurements], figures: dict[str, dict
     return "\n".join(parts)
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
-th { background: #f0f3f7; } pre { background: #f6f8fa; padding: 0.8rem; overflow-x: auto; }
-img { max-width: 100%; } details { margin-bottom: 1rem; }
-"""
-
-
 def render_html_sections(m: ModelMeasurements, images: dict[str, str]) -> str:
     """One model's part of the HTML report (h2, h3 sections); `images[kind]` are base64 PNGs."""
     body = [f"<h2>{html.escape(m.name)}</h2>", f"<p>{html.escape(m.description)}</p>"]
-    for title, text, table in _sections(m):
+    for title, text, rows_table in _sections(m):
         content = []
         if text:
             content.append(f"<pre>{html.escape(text)}</pre>")
-        if table:
-            content.append(_html_table(*table))
+        if rows_table:
+            content.append(table(*rows_table))
         if title.startswith("Parameter breakdown by component"):
             content.append(f'<img alt="parameters" src="data:image/png;base64,{images["parameters"]}">')
         if title == "Data-flow map":
@@ -430,12 +416,9 @@ def render_html(models: Sequence[ModelMeasurements], images: dict[str, dict[str,
     """The report as one self-contained HTML page; `images[model][kind]` are base64 PNGs."""
     body = ["<h1>mednets model report</h1>", f"<p>{html.escape(_NOTES)}</p>"]
     if len(models) > 1:
-        body += ["<h2>Comparison</h2>", _html_table(*_comparison_rows(models))]
+        body += ["<h2>Comparison</h2>", table(*_comparison_rows(models))]
     body += [render_html_sections(m, images[m.name]) for m in models]
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mednets model report</title>"
-        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
-    )
+    return page("mednets model report", MODEL_CSS, "".join(body))
 
 
 def model_figures(m: ModelMeasurements) -> list[tuple[str, Figure]]:

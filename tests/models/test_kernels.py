@@ -1,5 +1,5 @@
-"""Dimension-generic blocks: the bf16 Conv3d workaround, instance norm that keeps channels_last,
-pooling in the input's precision under CPU autocast."""
+"""Kernel workarounds: the bf16 Conv3d workaround, instance norm that keeps channels_last, pooling in
+the input's precision under CPU autocast."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mednets.models import create_model
-from mednets.models.blocks import (
-    InstanceNorm,
-    average_pool,
-    conv,
-    global_average_pool,
-    instance_norms_as_group_norms,
-    max_pool,
-)
+from mednets.models.blocks import conv, max_pool
+from mednets.models.kernels import InstanceNorm, average_pool, global_average_pool, instance_norms_as_group_norms
 
 
 @pytest.mark.parametrize("depth", [2, 3])

@@ -7,30 +7,67 @@ The trainer knows no model: it hands a task the model's outputs and the batch. A
 - `presence`: `[B, K]` bool presence targets (absence-aware segmentation; from the dataset, which
   applies `dataset.json` overrides);
 - `target`: `[B, C, H, W]` clean image in [0, 1] (denoising).
+
+At prediction the engine hands the task the model's outputs over a whole image; the task turns them
+into probabilities (`probabilities`, averaged over test-time flips by the engine), decides labels
+and presence (`decode`) and writes each structure's sidecar entry (`sidecar_entries`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mednets.data.transforms import claimed_labels, smallest_claim_first
 from mednets.errors import ConfigError, UnknownNameError
 from mednets.losses import DeepSupervisionLoss, DenoisingLoss, SpatialAttentionLoss
-from mednets.metrics import psnr, ssim
+from mednets.metrics import dice_per_class, psnr, ssim
+from mednets.tasks.decoding import claimed_labels, smallest_claim_first
 
-__all__ = ["Task", "SegmentationTask", "AbsenceSegmentationTask", "DenoisingTask", "create_task"]
+__all__ = [
+    "Decoded",
+    "Task",
+    "SegmentationTask",
+    "AbsenceSegmentationTask",
+    "DenoisingTask",
+    "create_task",
+    "task_type",
+]
 
 Batch = Mapping[str, Any]
 
 
+@dataclass
+class Decoded:
+    """A prediction on the model's grid, ready to go back to the input's grid.
+
+    Attributes:
+        scores: `[K+1, *S]` float, background first: the label of a voxel is the largest score, or,
+            with `priority`, the claimant of highest priority among the structures beating background.
+        priority: `[K]` priority of the structures (`claimed_labels`), or None.
+        presence_probs: `[K]` presence probabilities from a presence head, or None.
+        confidence: `[K]` confidence of the presence decisions, or None.
+        present: `[K]` bool presence decisions, or None (then presence is read from the mask).
+    """
+
+    scores: torch.Tensor
+    priority: torch.Tensor | None = None
+    presence_probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+    present: torch.Tensor | None = None
+
+
 class Task:
-    """Interface of every task; subclasses implement the three methods."""
+    """Interface of every task: training (`loss`, `batch_metrics`) and prediction (`probabilities`, `decode`)."""
 
     name = "task"
+    uses_labels = True  # learns from label maps (a dataset folder) rather than from images alone
+    out_channels: int | None = None  # model outputs for the dataset's labels; None keeps the model's own
+    call_options: Mapping[str, Any] = {}  # keyword arguments of the model's forward at prediction and export
+    export_outputs: tuple[str, ...] | None = None  # outputs an exported graph carries; None: all the model's
 
     def loss(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         """Named loss terms and `total` (a scalar to minimise)."""
@@ -44,18 +81,31 @@ class Task:
         """Validation metrics of a batch, each a `[B]` tensor of per-sample values (NaN = undefined)."""
         raise NotImplementedError
 
+    def probabilities(self, outputs: Any) -> dict[str, torch.Tensor]:
+        """The float outputs to average over test-time flips; spatial ones are `[B, C, *S]`."""
+        raise NotImplementedError
 
-def _dice_per_class(labels: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice per sample and foreground class of two label maps `[B, *S]`; NaN where the truth lacks the class."""
-    dims = tuple(range(1, labels.ndim))
-    scores = []
-    for c in range(1, num_classes):
-        predicted, reference = labels == c, truth == c
-        overlap = (predicted & reference).sum(dims).float()
-        total = (predicted.sum(dims) + reference.sum(dims)).float()
-        dice = 2 * overlap / total.clamp_min(1)
-        scores.append(torch.where(reference.any(dim=dims), dice, torch.full_like(dice, float("nan"))))
-    return torch.stack(scores, 1)  # [B, K]
+    def decode(self, probabilities: Mapping[str, torch.Tensor], *, model: Any, gating: bool) -> Decoded:
+        """The decision of one image (batch of one) from its averaged `probabilities`."""
+        raise NotImplementedError
+
+    def sidecar_entries(
+        self, decoded: Decoded, structures: Mapping[str, int], volumes_ml: Mapping[str, float], *, gating: bool
+    ) -> dict[str, dict[str, Any]]:
+        """Per structure: presence decision, probability, confidence, volume (mL) and why it is empty."""
+        entries = {}
+        for index, name in enumerate(structures):
+            volume_ml = volumes_ml[name]
+            if decoded.presence_probs is None:
+                entries[name] = {"present": volume_ml > 0, "probability": float(volume_ml > 0), "confidence": 1.0,
+                                 "volume_ml": volume_ml, "presence_source": "mask"}  # fmt: skip
+                continue
+            entry = {"present": bool(decoded.present[index]), "probability": float(decoded.presence_probs[index]),
+                     "confidence": float(decoded.confidence[index]), "volume_ml": volume_ml}  # fmt: skip
+            if gating and not entry["present"]:
+                entry["why_empty"] = f"presence probability {entry['probability']:.3f} below the threshold"
+            entries[name] = entry
+        return entries
 
 
 def _voxels_per_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -83,7 +133,15 @@ class SegmentationTask(Task):
 
     def __init__(self, num_classes: int, deep_supervision_weights: tuple[float, ...] | None = None) -> None:
         self.num_classes = num_classes
+        self.out_channels = num_classes
         self.criterion = DeepSupervisionLoss(aux_weights=deep_supervision_weights)
+
+    def probabilities(self, outputs: Any) -> dict[str, torch.Tensor]:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
+        return {"scores": torch.softmax(logits.float(), 1)}
+
+    def decode(self, probabilities: Mapping[str, torch.Tensor], *, model: Any, gating: bool) -> Decoded:
+        return Decoded(scores=probabilities["scores"][0])
 
     def loss(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         return self.criterion(outputs, batch["label"])
@@ -97,7 +155,7 @@ class SegmentationTask(Task):
     def batch_metrics(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         predicted = self.predict(outputs)
         truth = batch["label"]
-        dice = _dice_per_class(predicted["labels"], truth, self.num_classes)
+        dice = dice_per_class(predicted["labels"], truth, self.num_classes)
         metrics = {"dice": _nanmean_rows(dice)}
         if "presence" in batch:
             metrics["presence_accuracy"] = (
@@ -114,7 +172,7 @@ class AbsenceSegmentationTask(Task):
 
     Label maps are turned into per-structure masks `[B, K, *S]`; presence targets come from the batch.
     A structure claims the voxels where its probability exceeds 0.5; where several do, the one claiming
-    the fewest voxels in the scan wins (`mednets.data.transforms.smallest_claim_first`), else background.
+    the fewest voxels in the scan wins (`mednets.tasks.decoding.smallest_claim_first`), else background.
 
     Args:
         num_classes: classes including background (structures = num_classes - 1).
@@ -123,9 +181,38 @@ class AbsenceSegmentationTask(Task):
 
     name = "absence_segmentation"
 
+    call_options: Mapping[str, Any] = {
+        "gating": False
+    }  # gating is decided in `decode`, on the flip-averaged probabilities
+    export_outputs: tuple[str, ...] | None = (
+        "segmentation_logits",
+        "segmentation_probs",
+        "presence_probs",
+        "confidence_scores",
+    )
+
     def __init__(self, num_classes: int, **loss_options: Any) -> None:
         self.num_classes = num_classes
+        self.out_channels = num_classes - 1
         self.criterion = SpatialAttentionLoss(**loss_options)
+
+    def probabilities(self, outputs: Any) -> dict[str, torch.Tensor]:
+        keys = ("segmentation_probs", "presence_probs", "confidence_scores")
+        return {key: outputs[key] for key in keys}
+
+    def decode(self, probabilities: Mapping[str, torch.Tensor], *, model: Any, gating: bool) -> Decoded:
+        presence = probabilities["presence_probs"][0].float().cpu()  # [S]
+        present = presence >= torch.as_tensor(model.presence_threshold, dtype=torch.float32)
+        probs = probabilities["segmentation_probs"][0].float().cpu()  # [S, *grid]
+        if gating:
+            probs = probs * present.view(-1, *[1] * (probs.ndim - 1))
+        # Background scores 0.5: a structure claims the voxels where it is above one half, and where
+        # several do, the one claiming the fewest voxels on the grid wins.
+        priority = smallest_claim_first(probs > 0.5, spatial_dims=probs.ndim - 1)
+        scores = torch.cat([torch.full_like(probs[:1], 0.5), probs])
+        confidence = probabilities["confidence_scores"][0].float().cpu()
+        return Decoded(scores=scores, priority=priority, presence_probs=presence, confidence=confidence,
+                       present=present)  # fmt: skip
 
     def _targets(self, batch: Batch) -> dict[str, torch.Tensor]:
         label = batch["label"].long()
@@ -147,7 +234,7 @@ class AbsenceSegmentationTask(Task):
         predicted = self.predict(outputs)
         truth = batch["label"]
         presence = batch.get("presence", self._targets(batch)["segmentation_targets"].flatten(2).any(-1)).bool()
-        dice = _dice_per_class(predicted["labels"], truth, self.num_classes)
+        dice = dice_per_class(predicted["labels"], truth, self.num_classes)
         painted = _voxels_per_class(predicted["labels"], self.num_classes)
         return {
             "dice": _nanmean_rows(dice),
@@ -164,6 +251,7 @@ class DenoisingTask(Task):
     """
 
     name = "denoising"
+    uses_labels = False
 
     def __init__(self, **loss_options: Any) -> None:
         self.criterion = DenoisingLoss(**loss_options)
@@ -179,11 +267,18 @@ class DenoisingTask(Task):
         return {"psnr": psnr(restored, batch["target"]), "ssim": ssim(restored, batch["target"])}
 
 
-_TASKS: dict[str, Callable[..., Task]] = {
+_TASKS: dict[str, type[Task]] = {
     "segmentation": SegmentationTask,
     "absence_segmentation": AbsenceSegmentationTask,
     "denoising": DenoisingTask,
 }
+
+
+def task_type(name: str) -> type[Task]:
+    """The class of the task `name` (its class attributes say what it needs without building it)."""
+    if name not in _TASKS:
+        raise UnknownNameError("unknown task", source="task", expected=f"one of {list(_TASKS)}", got=name)
+    return _TASKS[name]
 
 
 def create_task(name: str, *, num_classes: int | None = None, **options: Any) -> Task:
@@ -192,13 +287,12 @@ def create_task(name: str, *, num_classes: int | None = None, **options: Any) ->
     Raises:
         UnknownNameError: unknown task or loss option.
     """
-    if name not in _TASKS:
-        raise UnknownNameError("unknown task", source="task", expected=f"one of {list(_TASKS)}", got=name)
+    cls = task_type(name)
     try:
-        if name == "denoising":
-            return _TASKS[name](**options)
+        if not cls.uses_labels:
+            return cls(**options)
         if num_classes is None:
             raise ConfigError("segmentation tasks need the number of classes", source="task", expected="num_classes")
-        return _TASKS[name](num_classes, **options)
+        return cls(num_classes, **options)
     except TypeError as error:
         raise UnknownNameError(f"invalid loss option ({error})", source="loss", got=sorted(options)) from error

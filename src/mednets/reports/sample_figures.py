@@ -1,4 +1,4 @@
-"""Figures of 2D runs: noisy / denoised / clean triplets with PSNR and SSIM, and segmentation overlays.
+"""Figures of 2D samples: noisy / denoised / clean triplets with PSNR and SSIM, and segmentation overlays.
 
 Both functions take plain arrays and write one PNG. Images are ``[3, H, W]`` RGB or ``[H, W]`` grey
 in [0, 1]; label maps are ``[H, W]`` integer ids.
@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # reports are written headless
 import matplotlib.pyplot as plt
 
 from mednets.atomic import atomic_path
-from mednets.metrics import psnr, ssim
+from mednets.metrics import dice_per_class, psnr, ssim
 
 __all__ = ["denoising_triplets", "segmentation_overlays"]
 
@@ -65,9 +65,10 @@ def denoising_triplets(samples: Sequence[Mapping[str, Any]], out: str | os.PathL
 
 
 def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    predicted, reference = prediction > 0, truth > 0
-    total = predicted.sum() + reference.sum()
-    return float(2 * (predicted & reference).sum() / total) if total else 1.0
+    """Foreground Dice (`mednets.metrics.dice_per_class` of the masks); 1 when both are empty."""
+    masks = torch.stack([torch.as_tensor(np.asarray(m) > 0) for m in (prediction, truth)]).long()
+    dice = float(dice_per_class(masks[:1], masks[1:], 2)[0, 0])
+    return 1.0 if np.isnan(dice) and not (np.asarray(prediction) > 0).any() else (0.0 if np.isnan(dice) else dice)
 
 
 def segmentation_overlays(samples: Sequence[Mapping[str, Any]], out: str | os.PathLike[str]) -> Path:

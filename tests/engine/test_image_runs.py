@@ -1,4 +1,4 @@
-"""2D runs end to end on tiny models: denoising (train, `denoise`) and segmentation (train, `predict`, `evaluate`)."""
+"""Runs on 2D images end to end on tiny models: denoising (train, `denoise`) and segmentation (train, `predict`, `evaluate`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from mednets.cli import main
 from mednets.config import load_config
-from mednets.data.dataset2d import split_image_pair
+from mednets.data.convert import split_image_pair
 from mednets.engine.denoise import denoise_image, load_denoiser
 from mednets.engine.training import run_training
 from mednets.errors import ConfigError
@@ -25,7 +25,7 @@ TINY = ["train.max_steps=2", "train.val_every=2", "train.batch_size=2", "model.o
 def denoising_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two steps of a tiny HistoAutoencoder on the built-in IHC image."""
     run_dir = tmp_path_factory.mktemp("runs") / "histo"
-    config = load_config(CONFIGS / "histo_denoise.yaml", [*TINY, "data.tile_size=32"])
+    config = load_config(CONFIGS / "histo_denoise.yaml", [*TINY, "data.patch_size=[32, 32]"])
     run_training(config, run_dir, progress=False)
     return run_dir
 
@@ -40,11 +40,11 @@ def test_denoise_keeps_shape_dtype_and_alpha(denoising_run: Path) -> None:
     model = load_denoiser(denoising_run)
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 255, (45, 70, 4), dtype=np.uint8)
-    out = denoise_image(model, rgba, tile=32, overlap=12, margin=3)
+    out = denoise_image(model, rgba, patch_size=32, overlap=0.375)
     assert out.shape == rgba.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(out[..., 3], rgba[..., 3])
     grey16 = rng.integers(0, 65535, (40, 33), dtype=np.uint16)
-    out16 = denoise_image(model, grey16, tile=32, overlap=12, margin=3)
+    out16 = denoise_image(model, grey16, patch_size=32, overlap=0.375)
     assert out16.shape == grey16.shape and out16.dtype == np.uint16
 
 
@@ -54,8 +54,8 @@ def test_denoise_command_writes_each_image_in_its_format(denoising_run: Path, tm
     Image.fromarray(np.full((50, 60, 3), 200, np.uint8)).save(inputs / "a.png")
     Image.fromarray(np.full((50, 60, 3), 200, np.uint8)).save(inputs / "b.jpg", quality=95)
     tifffile.imwrite(inputs / "c.tif", np.full((2, 40, 40), 30000, np.uint16))  # two pages
-    code = main(["denoise", "--run", str(denoising_run), str(inputs), str(tmp_path / "out"), "--tile", "32",
-                 "--overlap", "12"])  # fmt: skip
+    code = main(["denoise", "--run", str(denoising_run), str(inputs), str(tmp_path / "out"), "--patch-size", "32",
+                 "--overlap", "0.375"])  # fmt: skip
     assert code == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (60, 50)
     assert Image.open(tmp_path / "out" / "b.jpg").format == "JPEG"
@@ -68,7 +68,7 @@ def test_denoise_command_keeps_the_mean_colour_when_asked(denoising_run: Path, t
     pixels = rng.integers(150, 240, (48, 48, 3), dtype=np.uint8)  # bright as H&E, away from 255: no clipping
     Image.fromarray(pixels).save(tmp_path / "in.png")
     code = main(["denoise", "--run", str(denoising_run), str(tmp_path / "in.png"), str(tmp_path / "out.png"),
-                 "--tile", "48", "--overlap", "12", "--keep-mean-colour"])  # fmt: skip
+                 "--patch-size", "48", "--overlap", "0.25", "--keep-mean-colour"])  # fmt: skip
     assert code == 0
     out = np.asarray(Image.open(tmp_path / "out.png")).astype(float)
     np.testing.assert_allclose(out.mean(axis=(0, 1)), pixels.mean(axis=(0, 1)), atol=1.0)  # one grey level

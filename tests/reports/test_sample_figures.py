@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mednets.reports.run_report_2d import denoising_triplets, segmentation_overlays
+from mednets.reports.sample_figures import denoising_triplets, segmentation_overlays
 
 
 def test_denoising_triplets_show_every_method(tmp_path: Path) -> None:

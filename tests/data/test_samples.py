@@ -1,4 +1,4 @@
-"""The training-data helpers of `mednets.data.loaders`: the label atlas on the model grid, organ removal."""
+"""The training samples of `mednets.data.samples`: the label atlas on the model grid, organ removal."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 
 from mednets.data.dataset import load_dataset
 from mednets.data.io import read_volume
-from mednets.data.loaders import label_atlas, segmentation_datasets
 from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
+from mednets.data.samples import label_atlas, segmentation_datasets
 from mednets.errors import ConfigError
 
 
@@ -20,7 +20,13 @@ def test_label_atlas_is_the_share_of_cases_per_voxel_and_the_smallest_extent(tmp
     train_set, _ = segmentation_datasets(dataset, grid=grid, patch_size=None, hu_window=(-175, 250), spacing_mm=None,
                                          val_fraction=0.0, split_seed=0, augment=False, seed=0)  # fmt: skip
     exact = label_atlas(
-        train_set, len(dataset.labels), grid=grid, hu_window=(-175, 250), spacing_mm=None, smoothing_voxels=0
+        train_set,
+        len(dataset.labels),
+        grid=grid,
+        channel_names=["CT"],
+        hu_window=(-175, 250),
+        spacing_mm=None,
+        smoothing_voxels=0,
     )
     atlas = exact.frequency
     assert atlas.shape == (len(dataset.labels) - 1, *grid) and atlas.dtype == torch.float32
@@ -33,7 +39,9 @@ def test_label_atlas_is_the_share_of_cases_per_voxel_and_the_smallest_extent(tmp
             extents = [int((labels_map == label).sum()) for labels_map in labels if (labels_map == label).any()]
             smallest = min(extents, default=0) / np.prod(grid)
             assert float(exact.smallest_share[label - 1]) == pytest.approx(smallest, rel=1e-6), name
-    smoothed = label_atlas(train_set, len(dataset.labels), grid=grid, hu_window=(-175, 250), spacing_mm=None).frequency
+    smoothed = label_atlas(
+        train_set, len(dataset.labels), grid=grid, channel_names=["CT"], hu_window=(-175, 250), spacing_mm=None
+    ).frequency
     assert float(smoothed.min()) >= 0 and float(smoothed.max()) <= 1
     assert abs(float(smoothed.sum()) - float(atlas.sum())) / float(atlas.sum()) < 0.01  # smoothing moves, not adds
 

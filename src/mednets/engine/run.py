@@ -1,0 +1,222 @@
+"""What a run folder is, in one place: its paths, its preprocessing record and its trained model.
+
+A run folder is what `mednets train` writes::
+
+    config.yaml            the resolved experiment config
+    dataset.json           the training dataset's labels and channel names (segmentation runs)
+    preprocessing.json     how training prepared its inputs (`PreprocessingRecord`)
+    metrics.csv            one row per logged step
+    checkpoints/{best,last}/   model.safetensors, trainer_state.pt, config.yaml
+
+Prediction, denoising, export, evaluation and the run report all open runs through `RunFolder`, so
+none of them can prepare an input differently from training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mednets.atomic import atomic_write_text
+from mednets.config import ExperimentConfig, load_config
+from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights, load_trainer_state
+from mednets.errors import CheckpointError
+from mednets.models import ModelSpec, create_model, get_model_spec
+from mednets.tasks import create_task
+
+__all__ = ["PreprocessingRecord", "RunFolder", "build_model_for_labels"]
+
+
+@dataclass
+class PreprocessingRecord:
+    """How training prepared its inputs; prediction prepares every input the same way.
+
+    Attributes:
+        spatial_dims: 2 or 3.
+        task: the model's task (`mednets.models.registry.TASKS`).
+        orientation: axis codes the model saw (3D volumes are reoriented to it), or None.
+        spacing_mm: voxel size the model saw (3D), or None to keep the input's.
+        grid: whole-image models' fixed input size, else None.
+        patch_size: the window size of patch-wise models (training patches, prediction windows).
+        hu_window: the CT window mapped to [0, 1] (`mednets.data.intensity`).
+        channel_names: {"0": name, ...} of the input channels (`dataset.json`).
+        smallest_training_volume_ml: {structure: smallest volume in training, mL} (the volume floor).
+    """
+
+    spatial_dims: int = 3
+    task: str = "segmentation"
+    orientation: str | None = None
+    spacing_mm: list[float] | None = None
+    grid: list[int] | None = None
+    patch_size: list[int] | None = None
+    hu_window: list[float] | None = None
+    channel_names: dict[str, str] = field(default_factory=lambda: {"0": "CT"})
+    smallest_training_volume_ml: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def window(self) -> tuple[int, ...] | None:
+        """The input size one forward pass sees: the grid of whole-image models, else the patch."""
+        size = self.grid or self.patch_size
+        return tuple(int(s) for s in size) if size else None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "preprocessing.json") -> PreprocessingRecord:
+        """Read a record, including those of older runs (`tile_size` for `patch_size`).
+
+        Raises:
+            CheckpointError: a key that no version of the record has.
+        """
+        data = dict(data)
+        if "tile_size" in data:  # denoising runs before the redesign
+            tile = data.pop("tile_size")
+            data.setdefault("patch_size", [tile, tile] if tile else None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError("unknown key in preprocessing record", source=source, expected=sorted(known),
+                                  got=unknown)  # fmt: skip
+        return cls(**data)
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the record as JSON, atomically."""
+        return atomic_write_text(path, json.dumps(asdict(self), indent=2))
+
+
+def build_model_for_labels(config: ExperimentConfig, num_labels: int | None) -> nn.Module:
+    """Create the configured model with its output channels fitted to `num_labels` labels (with background).
+
+    The task decides how many outputs that is (`Task.out_channels`); denoising runs (`num_labels` None)
+    keep the model's own output.
+    """
+    spec = get_model_spec(config.model.name)
+    overrides = dict(config.model.overrides)
+    if num_labels is not None:
+        overrides.setdefault("out_channels", create_task(spec.task, num_classes=num_labels).out_channels)
+    return create_model(config.model.name, **overrides)
+
+
+class RunFolder:
+    """A run folder made by `mednets train`: paths, config, labels, preprocessing and model loading.
+
+    Args:
+        path: the run folder.
+    """
+
+    CONFIG = "config.yaml"
+    DATASET = "dataset.json"
+    PREPROCESSING = "preprocessing.json"
+    METRICS = "metrics.csv"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def dataset_path(self) -> Path:
+        return self.path / self.DATASET
+
+    @property
+    def preprocessing_path(self) -> Path:
+        return self.path / self.PREPROCESSING
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint_dir(self, checkpoint: str = "best") -> Path:
+        """`checkpoints/<checkpoint>`, else `checkpoints/last` (a run stopped before its first validation).
+
+        Raises:
+            CheckpointError: neither exists.
+        """
+        for folder in (self.checkpoints / checkpoint, self.checkpoints / "last"):
+            if folder.is_dir():
+                return folder
+        raise CheckpointError("no checkpoint in run folder", source=str(self.checkpoints),
+                              expected=f"{checkpoint}/ or last/ written by `mednets train`")  # fmt: skip
+
+    def config(self, checkpoint: str | None = None) -> ExperimentConfig:
+        """The experiment config: the checkpoint's own when `checkpoint` is given, else the run's `config.yaml`."""
+        if checkpoint is not None:
+            return load_checkpoint_config(self.checkpoint_dir(checkpoint))
+        if not self.config_path.is_file():
+            raise CheckpointError("run folder has no config", source=str(self.config_path),
+                                  expected="a run made by `mednets train`")  # fmt: skip
+        return load_config(self.config_path)
+
+    def spec(self, checkpoint: str = "best") -> ModelSpec:
+        """The registry entry of the run's model."""
+        return get_model_spec(self.config(checkpoint).model.name)
+
+    @property
+    def labels(self) -> dict[str, int] | None:
+        """{name: id} of the training labels, background included; None for runs without labels (denoising)."""
+        if not self.dataset_path.is_file():
+            return None
+        info = self._json(self.dataset_path)
+        return {str(name): int(value) for name, value in sorted(info["labels"].items(), key=lambda item: item[1])}
+
+    @property
+    def structures(self) -> dict[str, int]:
+        """{name: id} of the labelled structures, background excluded, in id order."""
+        return {name: value for name, value in (self.labels or {}).items() if value != 0}
+
+    @property
+    def preprocessing(self) -> PreprocessingRecord:
+        """The preprocessing record (`preprocessing.json`).
+
+        Raises:
+            CheckpointError: the file is missing or unreadable.
+        """
+        if not self.preprocessing_path.is_file():
+            raise CheckpointError("run folder is incomplete", source=str(self.preprocessing_path),
+                                  expected="a run made by `mednets train`")  # fmt: skip
+        return PreprocessingRecord.from_dict(self._json(self.preprocessing_path), str(self.preprocessing_path))
+
+    def trainer_state(self, checkpoint: str = "last") -> dict[str, Any]:
+        """The trainer state of a checkpoint (loaded with `weights_only=True`)."""
+        return load_trainer_state(self.checkpoint_dir(checkpoint))
+
+    def build_model(self, checkpoint: str = "best") -> nn.Module:
+        """The run's model, untrained, fitted to its labels."""
+        labels = self.labels
+        return build_model_for_labels(self.config(checkpoint), None if labels is None else len(labels))
+
+    def load_model(self, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
+        """The trained model of `checkpoint` (best, falling back to last), in eval mode on `device`.
+
+        Raises:
+            CheckpointError: no checkpoint, missing run files, or weights that do not fit.
+        """
+        folder = self.checkpoint_dir(checkpoint)
+        if self.spec(checkpoint).task != "denoising" and not self.dataset_path.is_file():
+            raise CheckpointError("run folder is incomplete", source=str(self.dataset_path),
+                                  expected="a run made by `mednets train`")  # fmt: skip
+        model = self.build_model(checkpoint)
+        load_model_weights(folder, model)
+        if self.spec(checkpoint).spatial_dims == 3:  # the layout of the fast bf16 kernels
+            model = model.to(memory_format=torch.channels_last_3d)
+        return model.to(torch.device(device)).eval()
+
+    @staticmethod
+    def _json(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"unreadable run file ({error})", source=str(path)) from error
