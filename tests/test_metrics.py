@@ -109,3 +109,20 @@ def test_psnr_and_ssim_on_known_images() -> None:
     torch.testing.assert_close(psnr(noisy, clean), 10 * torch.log10(1 / mse))
     assert torch.allclose(ssim(clean, clean), torch.ones(2), atol=1e-5)
     assert (ssim(noisy, clean) < 1).all()
+
+
+def test_auroc_and_psnr_equal_the_rank_statistic_and_the_plain_formula() -> None:
+    """The MONAI implementations mednets uses give the textbook values, ties counted half."""
+    rng = np.random.default_rng(0)
+    probabilities = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9], size=200)  # many ties
+    targets = rng.random(200) < probabilities
+    positives, negatives = probabilities[targets], probabilities[~targets]
+    rank_statistic = ((positives[:, None] > negatives[None, :]).sum()
+                      + 0.5 * (positives[:, None] == negatives[None, :]).sum()) / (positives.size * negatives.size)  # fmt: skip
+    assert presence_metrics(probabilities, targets)["auroc"] == pytest.approx(rank_statistic, abs=1e-12)
+    torch.manual_seed(0)
+    target = torch.rand(3, 3, 16, 16)
+    prediction = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    plain = 10 * torch.log10(1.0 / (prediction - target).pow(2).flatten(1).mean(1))
+    torch.testing.assert_close(psnr(prediction, target), plain, rtol=1e-5, atol=1e-4)
+    assert torch.isfinite(psnr(target, target)).all()

@@ -125,9 +125,8 @@ class TrainConfig:
         gradient_checkpointing: recompute activations in the backward pass.
         keep_freed_memory: keep freed host memory for the next step instead of returning it to the
             kernel (`mednets.host_memory`, glibc): no page faults on every step's activations, a
-            faster step on CPU (phantom SADAAn config 1.28-1.37 -> 1.03 s), at the cost of a higher
-            peak RSS where many odd-sized buffers fragment the heap (SADAAn at the seed's size:
-            about +800 MB). False returns memory as soon as it is freed.
+            faster step on CPU, at the cost of a higher peak RSS where many odd-sized buffers fragment
+            the heap (benchmarks/RESULTS.md). False returns memory as soon as it is freed.
         val_every: validate (and checkpoint) every this many steps.
         best_metric: metric that picks the best checkpoint, e.g. "val/dice".
         best_mode: "max" or "min".

@@ -2,9 +2,8 @@
 
 glibc serves every block above its mmap threshold (32 MiB at most) with a fresh ``mmap`` and hands it
 back to the kernel on ``free``. A 3D network's activations are tens of MB each, so without this every
-layer of every window page-faults its output in, 4 KiB at a time: on the 2-core CPU of this project
-that was 20% of DynUNet's and 46% of LHA-Net's bf16 forward pass at ``[2, 1, 64, 64, 64]``
-(``benchmarks/bench_host_memory.py``). It is the reason Intel's PyTorch CPU guide preloads jemalloc
+layer of every window page-faults its output in, 4 KiB at a time (its cost is measured by
+``benchmarks/bench_host_memory.py``, figures in benchmarks/RESULTS.md). It is the reason Intel's PyTorch CPU guide preloads jemalloc
 or tcmalloc; this does the same without a preload.
 
 Inside `reuse_freed_memory()` large blocks come from the heap and freed ones stay there for the next

@@ -177,13 +177,12 @@ def expected_calibration_error(probabilities: Sequence[float], targets: Sequence
 
 
 def _auroc(probabilities: np.ndarray, targets: np.ndarray) -> float | None:
-    """Area under the ROC curve by the rank statistic (ties count half); None without both classes."""
-    positives, negatives = probabilities[targets], probabilities[~targets]
-    if positives.size == 0 or negatives.size == 0:
+    """Area under the ROC curve (MONAI's `compute_roc_auc`; ties count half); None without both classes."""
+    from monai.metrics import compute_roc_auc
+
+    if targets.all() or not targets.any():
         return None
-    greater = (positives[:, None] > negatives[None, :]).sum()
-    ties = (positives[:, None] == negatives[None, :]).sum()
-    return float((greater + 0.5 * ties) / (positives.size * negatives.size))
+    return float(compute_roc_auc(torch.as_tensor(probabilities, dtype=torch.float64), torch.as_tensor(targets)))
 
 
 def presence_metrics(
@@ -221,9 +220,17 @@ def presence_metrics(
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image of a `[B, C, H, W]` batch; `[B]`."""
-    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+    """Peak signal-to-noise ratio in dB per image of a `[B, C, H, W]` batch (MONAI's `PSNRMetric`); `[B]`.
+
+    Identical images give a finite value (the squared error is floored at 1e-12), not infinity.
+    """
+    from monai.metrics import PSNRMetric
+
+    # MONAI's PSNR of identical images is infinite; nudging them by sqrt(1e-12) keeps ours finite and equal.
+    difference = prediction.float() - target.float()
+    floor = (difference.pow(2).flatten(1).mean(1) < 1e-12).view(-1, *[1] * (difference.ndim - 1))
+    nudged = torch.where(floor, target.float() + 1e-6, prediction.float())
+    return PSNRMetric(max_val=data_range, reduction="none")(nudged, target.float()).flatten()
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:

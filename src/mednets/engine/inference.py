@@ -45,7 +45,15 @@ from mednets.models import ModelSpec
 from mednets.tasks import Task, create_task
 from mednets.tasks.decoding import labels_from_logits
 
-__all__ = ["LoadedRun", "Prediction", "drop_small_structures", "load_run", "predict_image", "predict_paths"]
+__all__ = [
+    "LoadedRun",
+    "Prediction",
+    "drop_small_structures",
+    "load_run",
+    "output_name",
+    "predict_image",
+    "predict_paths",
+]
 
 
 @dataclass
