@@ -103,3 +103,8 @@ def test_nuclei_run_predicts_labels_of_the_input_size(shared_dir: Path, tmp_path
         main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(test), "--out", str(tmp_path / "scores")])
         == 0
     )
+    report = tmp_path / "report.html"
+    assert main(["report-run", str(run_dir), "--pred", str(tmp_path / "pred"), "--scores",
+                 str(tmp_path / "scores.json"), "--out", str(report)]) == 0  # fmt: skip
+    page = report.read_text()
+    assert "nucleus" in page and "could not be built" not in page

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mednets.atomic import atomic_write_text
 from mednets.engine.run import RunFolder
@@ -315,13 +316,14 @@ def _model_measurements(run: RunData) -> tuple[ModelMeasurements | None, str]:
     if run.config is None or not run.labels:
         return None, "The model section needs the run's config.yaml and dataset.json."
     try:
-        model = RunFolder(run.run_dir).build_model().eval()
+        folder = RunFolder(run.run_dir)
+        model = folder.build_model().eval()
         spec = get_model_spec(run.config.model.name)
+        channels = next(m.in_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        shape = (1, channels, *(folder.preprocessing.window or spec.input_size))
+        return describe_model(model, spec.name, shape, description=spec.description), ""
     except MednetsError as error:
-        return None, f"The run's model could not be built: {error}"
-    grid = getattr(model, "grid_size", None) or (run.preprocessing or {}).get("patch_size") or spec.input_size
-    shape = (1, spec.in_channels, *grid)
-    return describe_model(model, spec.name, shape, description=spec.description), ""
+        return None, f"The run's model could not be built and measured: {error}"
 
 
 def _model(run: RunData) -> tuple[str, str, str]:
