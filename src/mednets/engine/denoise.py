@@ -26,6 +26,7 @@ from mednets.data.volume import Volume
 from mednets.engine.run import RunFolder
 from mednets.engine.sliding_window import sliding_window
 from mednets.errors import ConfigError, MednetsError
+from mednets.tasks import task_type
 
 __all__ = ["denoise_array", "denoise_image", "denoise_paths", "load_denoiser", "with_input_mean_colour"]
 
@@ -39,7 +40,7 @@ def load_denoiser(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", 
     """
     folder = RunFolder(run_dir)
     spec = folder.spec(checkpoint)
-    if spec.task != "denoising":
+    if task_type(spec.task).uses_labels:
         raise ConfigError("not a denoising run (use `mednets predict`)", source=str(run_dir), got=spec.task)
     return folder.load_model(checkpoint, device)
 

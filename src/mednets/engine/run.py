@@ -28,7 +28,8 @@ from mednets.config import ExperimentConfig, load_config
 from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights, load_trainer_state
 from mednets.errors import CheckpointError
 from mednets.models import ModelSpec, create_model, get_model_spec
-from mednets.tasks import create_task
+from mednets.models.base import memory_format_for
+from mednets.tasks import create_task, task_type
 
 __all__ = ["PreprocessingRecord", "RunFolder", "build_model_for_labels"]
 
@@ -205,13 +206,13 @@ class RunFolder:
             CheckpointError: no checkpoint, missing run files, or weights that do not fit.
         """
         folder = self.checkpoint_dir(checkpoint)
-        if self.spec(checkpoint).task != "denoising" and not self.dataset_path.is_file():
+        spec = self.spec(checkpoint)
+        if task_type(spec.task).uses_labels and not self.dataset_path.is_file():
             raise CheckpointError("run folder is incomplete", source=str(self.dataset_path),
                                   expected="a run made by `mednets train`")  # fmt: skip
         model = self.build_model(checkpoint)
         load_model_weights(folder, model)
-        if self.spec(checkpoint).spatial_dims == 3:  # the layout of the fast bf16 kernels
-            model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=memory_format_for(spec.spatial_dims))  # the layout of the fast bf16 kernels
         return model.to(torch.device(device)).eval()
 
     @staticmethod

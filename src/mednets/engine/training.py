@@ -10,7 +10,7 @@ inputs exactly as training did.
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from mednets.engine.sliding_window import sliding_window
 from mednets.engine.trainer import Trainer
 from mednets.errors import ConfigError
 from mednets.models import ModelSpec, get_model_spec
-from mednets.tasks import create_task, task_type
+from mednets.tasks import Task, create_task, task_type
 
 __all__ = ["VALIDATION_OVERLAP", "run_training"]
 
@@ -59,10 +59,22 @@ def _validation_inferer(patch_size: tuple[int, ...], precision: str) -> Any:
     return infer
 
 
-def _segmentation_setup(
-    config: ExperimentConfig, spec: ModelSpec, run_dir: Path, context: DistributedContext
-) -> tuple[Any, ...]:
-    """Config, samples, model, task, preprocessing record, validation inferer and dataset of a labelled task."""
+@dataclass
+class _Setup:
+    """What a run needs besides the config: samples, model, task, how inputs were prepared."""
+
+    config: ExperimentConfig
+    train_set: Any
+    val_set: Any
+    model: nn.Module
+    task: Task
+    record: PreprocessingRecord
+    infer: Any = None  # the validation inferer of patch models
+    dataset: Dataset | None = None  # the dataset folder of tasks that learn from labels
+
+
+def _labelled_setup(config: ExperimentConfig, spec: ModelSpec, run_dir: Path, context: DistributedContext) -> _Setup:
+    """The setup of a task that learns from label maps (a dataset folder, 2D or 3D)."""
     config, dataset = _labelled_dataset(config, run_dir, context, spec.spatial_dims)
     model = build_model_for_labels(config, len(dataset.labels))
     grid = tuple(getattr(model, "grid_size", spec.input_size)) if spec.whole_image else None
@@ -95,7 +107,22 @@ def _segmentation_setup(
         smallest_training_volume_ml=dataset.smallest_volumes_ml() if context.is_main else {},
     )  # fmt: skip
     infer = None if grid else _validation_inferer(tuple(patch_size), config.train.precision)
-    return config, train_set, val_set, model, task, record, infer, dataset
+    return _Setup(config, train_set, val_set, model, task, record, infer, dataset)
+
+
+def _image_setup(config: ExperimentConfig, spec: ModelSpec) -> _Setup:
+    """The setup of an image-to-image task (denoising): tiles of image files, or of scikit-image's IHC image."""
+    data = config.data
+    tile = tuple(data.patch_size or spec.input_size)
+    train_set, val_set = denoising_datasets(
+        data.dataset, tile_size=tile[0], noise=data.noise, val_fraction=data.val_fraction,
+        split_seed=data.split_seed, min_tissue=data.min_tissue,
+        stain_scale=data.stain_augment if data.augment else 0.0, augment=data.augment, seed=config.train.seed,
+    )  # fmt: skip
+    record = PreprocessingRecord(spatial_dims=spec.spatial_dims, task=spec.task, patch_size=list(tile),
+                                 channel_names={"0": "RGB"})  # fmt: skip
+    return _Setup(config, train_set, val_set, build_model_for_labels(config, None), create_task(spec.task, **config.loss),
+                  record)  # fmt: skip
 
 
 def run_training(
@@ -118,29 +145,15 @@ def run_training(
     if data_dir is not None:
         config = replace(config, data=replace(config.data, dataset=str(data_dir)))
     torch.manual_seed(config.train.seed)
-    dataset = None
-    infer = None
     if task_type(spec.task).uses_labels:
-        config, train_set, val_set, model, task, record, infer, dataset = _segmentation_setup(
-            config, spec, run_dir, context
-        )
+        setup = _labelled_setup(config, spec, run_dir, context)
     else:
-        data = config.data
-        tile = tuple(data.patch_size or spec.input_size)
-        train_set, val_set = denoising_datasets(
-            data.dataset, tile_size=tile[0], noise=data.noise, val_fraction=data.val_fraction,
-            split_seed=data.split_seed, min_tissue=data.min_tissue,
-            stain_scale=data.stain_augment if data.augment else 0.0, augment=data.augment, seed=config.train.seed,
-        )  # fmt: skip
-        task = create_task(spec.task, **config.loss)
-        model = build_model_for_labels(config, None)
-        record = PreprocessingRecord(spatial_dims=spec.spatial_dims, task=spec.task, patch_size=list(tile),
-                                     channel_names={"0": "RGB"})  # fmt: skip
+        setup = _image_setup(config, spec)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if dataset is not None:
-            shutil.copyfile(dataset.root / "dataset.json", run_dir / "dataset.json")
-        record.write(run_dir / "preprocessing.json")
-    trainer = Trainer(config, model, task, train_set, val_set, run_dir, context=context, progress=progress, infer=infer,
-                      spatial_dims=spec.spatial_dims)  # fmt: skip
+        if setup.dataset is not None:
+            shutil.copyfile(setup.dataset.root / "dataset.json", run_dir / "dataset.json")
+        setup.record.write(run_dir / "preprocessing.json")
+    trainer = Trainer(setup.config, setup.model, setup.task, setup.train_set, setup.val_set, run_dir, context=context,
+                      progress=progress, infer=setup.infer, spatial_dims=spec.spatial_dims)  # fmt: skip
     return trainer.fit(resume=resume)
