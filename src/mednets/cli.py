@@ -209,6 +209,9 @@ def train_command(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <run>/checkpoints/last.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a run already in the run folder (its files go first).")
+    ] = False,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")
     ] = None,
@@ -219,7 +222,7 @@ def train_command(
 
     experiment = load_config(config, overrides or [])
     run_dir = out or Path("runs") / experiment.name
-    result = run_training(experiment, run_dir, data_dir=data, resume=resume)
+    result = run_training(experiment, run_dir, data_dir=data, resume=resume, overwrite=overwrite)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
     console.print(f"trained {result['state']['step']} steps into {run_dir}: {metrics}")
 

@@ -7,6 +7,7 @@ parse `value` as YAML (`--set train.lr=3e-4`, `--set data.phantoms.shape=[96,96,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,6 +193,8 @@ class ExperimentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
 _CHOICES = {
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "best_mode"): ("max", "min"),
@@ -308,6 +311,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError("must be a YAML mapping", source=source, got=type(loaded).__name__)
         data = loaded or {}
     apply_overrides(data, list(overrides or []))
+    name = str(data.get("name", ExperimentConfig.name))
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError("the name must be one path component (it names the run folder under runs/)",
+                          source=f"{source}: name", expected="letters, digits, '.', '_' or '-'", got=repr(name))  # fmt: skip
     try:
         return config_from_dict(data)
     except ConfigError as error:

@@ -23,6 +23,7 @@ from torch import nn
 from mednets.data.images import from_unit_range, to_unit_range
 from mednets.data.io import list_image_files, read_image, write_volume
 from mednets.data.volume import Volume
+from mednets.engine.inference import check_outputs
 from mednets.engine.run import RunFolder
 from mednets.engine.sliding_window import sliding_window
 from mednets.errors import ConfigError, MednetsError
@@ -118,7 +119,8 @@ def denoise_paths(
 ) -> dict[str, list[Any]]:
     """Denoise an image file (into `target`, a file or a folder) or every image of a folder (into folder `target`).
 
-    An image that cannot be read or written is reported and skipped; the rest continue.
+    An image that cannot be read or written is reported and skipped; the rest continue. Nothing is
+    written when an output would replace an input (`mednets.engine.inference.check_outputs`).
 
     Returns:
         `{"written": [paths], "failed": [(input, message)]}`.
@@ -127,6 +129,7 @@ def denoise_paths(
 
     source, target = Path(source), Path(target)
     files = list_image_files(source)
+    check_outputs({path: [_output_path(path, target, single=source.is_file())] for path in files})
     written: list[Path] = []
     failed: list[tuple[str, str]] = []
     for path in tqdm(files, desc="denoising", unit="image", disable=not progress):

@@ -48,6 +48,7 @@ from mednets.tasks.decoding import labels_from_logits
 __all__ = [
     "LoadedRun",
     "Prediction",
+    "check_outputs",
     "drop_small_structures",
     "load_run",
     "output_name",
@@ -315,6 +316,29 @@ def drop_small_structures(
     return dropped
 
 
+def check_outputs(outputs: dict[Path, list[Path]]) -> None:
+    """Refuse, before anything is written, outputs that would replace an input or that two inputs share.
+
+    Args:
+        outputs: {input path: the files it would write}.
+
+    Raises:
+        InvalidInputError: naming the input and the output (or the two inputs) that collide.
+    """
+    inputs = {path.resolve(): path for path in outputs}
+    owners: dict[Path, Path] = {}
+    for source, targets in outputs.items():
+        for target in targets:
+            resolved = target.resolve()
+            if resolved in inputs:
+                raise InvalidInputError("an output would replace an input; choose another output folder",
+                                        source=str(inputs[resolved]), got=f"output {target}")  # fmt: skip
+            if resolved in owners and owners[resolved] != source:
+                raise InvalidInputError("two inputs would write the same output; predict them into separate folders",
+                                        source=f"{owners[resolved]} and {source}", got=f"output {target}")  # fmt: skip
+            owners[resolved] = source
+
+
 def output_name(path: Path) -> str:
     """The label map's file name for an input: `<case>.nii.gz` for volumes, `.png` / `.tif` for 2D images."""
     suffix = "".join(path.suffixes[-1:]).lower()
@@ -334,7 +358,8 @@ def predict_paths(
     """Predict every input (files, folders of files, DICOM folders) into `out_dir/<case>.<ending>` + `<case>.json`.
 
     An input that cannot be read or predicted is reported and skipped; the rest continue. `options`
-    go to `predict_image`.
+    go to `predict_image`. Nothing is written when an output would replace an input or two inputs
+    would share an output (`check_outputs`).
 
     Returns:
         `{"written": [paths], "failed": [(input, message)]}`.
@@ -342,9 +367,11 @@ def predict_paths(
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
+    paths = list_inputs(inputs)
+    check_outputs({path: [out_dir / output_name(path), out_dir / f"{case_name(path)}.json"] for path in paths})
     written: list[Path] = []
     failed: list[tuple[str, str]] = []
-    for path in tqdm(list_inputs(inputs), desc="predicting", unit="image", disable=not progress):
+    for path in tqdm(paths, desc="predicting", unit="image", disable=not progress):
         try:
             reading = _StageClock()
             volume = read_any(path)

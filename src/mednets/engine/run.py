@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,19 @@ class RunFolder:
         load_model_weights(folder, model)
         model = model.to(memory_format=memory_format_for(spec.spatial_dims))  # the layout of the fast bf16 kernels
         return model.to(torch.device(device)).eval()
+
+    def run_files(self) -> list[Path]:
+        """The files and folders of a training run that exist here (config, records, metrics, checkpoints)."""
+        names = (self.CONFIG, self.DATASET, self.PREPROCESSING, self.METRICS, "checkpoints", "tensorboard")
+        return [self.path / name for name in names if (self.path / name).exists()]
+
+    def remove_run_files(self) -> None:
+        """Remove the run's files (generated data such as phantoms stays), for a run that replaces this one."""
+        for path in self.run_files():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     @staticmethod
     def _json(path: Path) -> Any:

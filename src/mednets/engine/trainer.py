@@ -243,6 +243,10 @@ class Trainer:
         self.sampler = EpochSampler(
             len(train_set), seed=settings.seed, rank=self.context.rank, world_size=self.context.world_size
         )
+        if len(self.sampler) < settings.batch_size:  # drop_last would leave every epoch empty: a loop without steps
+            raise ConfigError("fewer training samples per process than the batch size: no batch can be formed",
+                              source="train.batch_size", expected=f"at most {len(self.sampler)}",
+                              got=settings.batch_size)  # fmt: skip
         self.state = TrainState()
 
     # ------------------------------------------------------------------ checkpoints

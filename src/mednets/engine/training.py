@@ -23,7 +23,7 @@ from mednets.data.dataset import Dataset, load_dataset
 from mednets.data.histology import denoising_datasets
 from mednets.data.samples import label_atlas, segmentation_datasets
 from mednets.engine.distributed import DistributedContext, barrier, init_distributed
-from mednets.engine.run import PreprocessingRecord, build_model_for_labels
+from mednets.engine.run import PreprocessingRecord, RunFolder, build_model_for_labels
 from mednets.engine.sliding_window import sliding_window
 from mednets.engine.trainer import Trainer
 from mednets.errors import ConfigError
@@ -131,15 +131,27 @@ def run_training(
     *,
     data_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the configured model into `run_dir`; returns the final state and validation metrics.
 
+    A folder that already holds a run is continued with `resume`, or replaced with `overwrite` (its
+    run files go first; generated phantoms stay); otherwise it is refused, so no run is ever silently
+    replaced.
+
     Raises:
-        ConfigError: a patch-wise model without `data.patch_size`, or an impossible option.
+        ConfigError: `run_dir` holds a run and neither `resume` nor `overwrite` is set; a patch-wise
+            model without `data.patch_size`, or an impossible option.
         DatasetError, InvalidInputError: unusable data.
     """
     run_dir = Path(run_dir)
+    existing = RunFolder(run_dir).run_files()
+    if existing and not resume:
+        if not overwrite:
+            raise ConfigError("the folder already holds a run: continue it with --resume or replace it with "
+                              "--overwrite", source=str(run_dir), got=sorted(p.name for p in existing))  # fmt: skip
+        RunFolder(run_dir).remove_run_files()
     context = init_distributed(config.train.device)
     spec = get_model_spec(config.model.name)
     if data_dir is not None:

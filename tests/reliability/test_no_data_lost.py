@@ -1,0 +1,77 @@
+"""No command overwrites a user's file, replaces a run silently, or spins without making progress (issue 24)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mednets.config import load_config
+from mednets.engine.denoise import denoise_paths
+from mednets.engine.inference import predict_paths
+from mednets.engine.training import run_training
+from mednets.errors import ConfigError, InvalidInputError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY_DENOISER = ["train.max_steps=1", "train.val_every=1", "train.batch_size=2", "model.overrides.base_channels=4",
+                 "data.patch_size=[32, 32]"]  # fmt: skip
+
+
+def _scan(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not read: the outputs are checked before anything is read or written")
+    return path
+
+
+def test_predict_refuses_an_output_folder_that_would_replace_an_input(tmp_path: Path) -> None:
+    scans = tmp_path / "scans"
+    labels_like_output = _scan(scans / "case.nii.gz")  # `<case>.nii.gz` is also the label map's name
+    with pytest.raises(InvalidInputError, match="an output would replace an input"):
+        predict_paths(None, [scans], scans, progress=False)  # type: ignore[arg-type]
+    assert labels_like_output.read_bytes().startswith(b"not read")
+
+
+def test_predict_refuses_two_inputs_that_would_share_an_output(tmp_path: Path) -> None:
+    first, second = _scan(tmp_path / "a" / "case_0000.nii.gz"), _scan(tmp_path / "b" / "case.nrrd")
+    with pytest.raises(InvalidInputError, match="two inputs would write the same output") as caught:
+        predict_paths(None, [first, second], tmp_path / "out", progress=False)  # type: ignore[arg-type]
+    assert str(first) in str(caught.value) and str(second) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_denoise_refuses_to_write_over_its_input(tmp_path: Path) -> None:
+    image = tmp_path / "slide.png"
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
+    before = image.read_bytes()
+    with pytest.raises(InvalidInputError, match="an output would replace an input"):
+        denoise_paths(None, image, image, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="an output would replace an input"):
+        denoise_paths(None, tmp_path, tmp_path, progress=False)  # type: ignore[arg-type]
+    assert image.read_bytes() == before
+
+
+def test_training_into_an_existing_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "histo_denoise.yaml", TINY_DENOISER)
+    run_training(config, tmp_path / "run", progress=False)
+    weights = (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run") as caught:
+        run_training(config, tmp_path / "run", progress=False)
+    assert "--resume" in str(caught.value) and "--overwrite" in str(caught.value)
+    assert (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").read_bytes() == weights  # untouched
+    result = run_training(config, tmp_path / "run", overwrite=True, progress=False)
+    assert result["state"]["step"] == 1
+
+
+def test_a_batch_larger_than_the_training_samples_is_an_error_not_an_endless_loop(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "histo_denoise.yaml", [*TINY_DENOISER, "train.batch_size=100000"])
+    with pytest.raises(ConfigError, match="no batch can be formed") as caught:
+        run_training(config, tmp_path / "run", progress=False)
+    assert "train.batch_size" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/path", "a/b", "..", ""])
+def test_a_run_name_must_be_one_path_component(name: str) -> None:
+    with pytest.raises(ConfigError, match="one path component"):
+        load_config(None, [f"name={name!r}" if name else "name=''"])
