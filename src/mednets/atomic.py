@@ -11,10 +11,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["UMASK", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)  # the process's file-creation mask, read once (reading it means setting it)
+os.umask(UMASK)
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
-        os.chmod(temporary_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        os.chmod(temporary_path, 0o666 & ~UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(temporary_path, target)
     finally:
         temporary_path.unlink(missing_ok=True)

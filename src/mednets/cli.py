@@ -444,18 +444,35 @@ def export_command(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `mednets` script; returns the exit code (2 for a user error)."""
+    """Entry point of the `mednets` script; returns the exit code.
+
+    Exit codes: 0 done; 1 some inputs failed (each reported) or an unexpected internal error; 2 a
+    user error (bad input, config, path or option: one line naming it). `--debug` shows the traceback.
+    """
     args = join_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
+    console = Console(stderr=True, soft_wrap=True)
     try:
         app(args=args, prog_name="mednets")  # standalone mode: always ends in SystemExit
     except MednetsError as error:
         if debug:
             raise
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except OSError as error:  # a file system problem (permissions, full disk, missing path): the user's to fix
+        if debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        console.print(f"[bold red]error:[/] {where}{error.strerror or error}", highlight=False)
         return 2
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except Exception as error:  # a bug: one line, and the traceback with --debug
+        if debug:
+            raise
+        console.print(f"[bold red]internal error:[/] {type(error).__name__}: {error} (rerun with --debug for the "
+                      "traceback)", highlight=False)  # fmt: skip
+        return 1
     return 0
 
 

@@ -89,3 +89,10 @@ def test_no_common_case_is_a_clear_error(tmp_path: Path, folders: tuple[Path, Pa
     empty.mkdir()
     with pytest.raises(InvalidInputError, match="no case has both a prediction and a truth"):
         evaluate_folders(empty, folders[1])
+
+
+def test_a_missing_prediction_is_an_error_not_dropped(folders: tuple[Path, Path]) -> None:
+    pred, truth = folders
+    (pred / "b.nii.gz").unlink()
+    with pytest.raises(InvalidInputError, match="1 case\\(s\\) of the truth have no prediction: b"):
+        evaluate_folders(pred, truth)

@@ -6,7 +6,9 @@ A checkpoint is a folder:
 - `config.yaml`: the fully resolved experiment config.
 
 The folder is written under a temporary name and then swapped in with renames, so a crash leaves
-the previous checkpoint intact.
+the previous checkpoint intact; `recover_checkpoint` puts back the complete copy that a crash inside
+the swap itself leaves under a hidden name. Files get the process's usual permissions (umask), so a
+shared run folder works.
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mednets.atomic import UMASK as _UMASK
 from mednets.config import ExperimentConfig, load_config, save_config
 from mednets.errors import CheckpointError, MednetsError
 
-__all__ = ["save_checkpoint", "load_model_weights", "load_trainer_state", "load_checkpoint_config", "MODEL_FILE"]
+__all__ = [
+    "MODEL_FILE",
+    "load_checkpoint_config",
+    "load_model_weights",
+    "load_trainer_state",
+    "recover_checkpoint",
+    "save_checkpoint",
+]
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -43,12 +53,13 @@ def save_checkpoint(
 ) -> Path:
     """Write model weights, trainer state and config into `folder`, replacing it atomically."""
     folder = Path(folder)
-    temporary = folder.with_name(f".{folder.name}.tmp")
-    previous = folder.with_name(f".{folder.name}.old")
+    recover_checkpoint(folder)  # an earlier crash inside the swap: its complete copy first goes back
+    temporary, previous = _hidden(folder, "tmp"), _hidden(folder, "old")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     weights, aliases = _deduplicated(_unwrap(model).state_dict())
     save_file(weights, temporary / MODEL_FILE, metadata={"aliases": json.dumps(aliases)})
+    os.chmod(temporary / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors writes owner-only files
     torch.save(state, temporary / STATE_FILE)
     save_config(config, temporary / CONFIG_FILE)
     shutil.rmtree(previous, ignore_errors=True)
@@ -57,6 +68,30 @@ def save_checkpoint(
     temporary.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
     return folder
+
+
+def _hidden(folder: Path, kind: str) -> Path:
+    return folder.with_name(f".{folder.name}.{kind}")
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE))
+
+
+def recover_checkpoint(folder: str | os.PathLike[str]) -> bool:
+    """Put back the checkpoint `folder` after a crash inside `save_checkpoint`'s swap; True if it did.
+
+    A crash between moving the old copy aside and renaming the new one into place leaves both complete
+    under hidden names and no `folder`: the new copy (`.<name>.tmp`) is put in place when complete,
+    else the old one (`.<name>.old`).
+    """
+    folder = Path(folder)
+    new, old = _hidden(folder, "tmp"), _hidden(folder, "old")
+    if folder.exists() or not old.is_dir():  # no swap was under way
+        return False
+    # The old copy is only moved aside once the new one is fully written.
+    (new if new.is_dir() and _complete(new) else old).rename(folder)
+    return True
 
 
 def _deduplicated(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

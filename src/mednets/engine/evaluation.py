@@ -20,7 +20,7 @@ from typing import Any
 
 from mednets import anatomy
 from mednets.atomic import atomic_write_text
-from mednets.data.io import read_volume
+from mednets.data.io import case_name, read_volume
 from mednets.errors import InvalidInputError
 from mednets.metrics import mean_defined, presence_metrics, score_structures
 
@@ -36,11 +36,12 @@ class Evaluation:
 
 
 def _case_files(folder: Path) -> dict[str, Path]:
+    """{case: label map file} of a folder (or of a dataset folder's `labelsTr/`), by the format table's endings."""
     if (folder / "labelsTr").is_dir():
         folder = folder / "labelsTr"
-    files = {p.name[: -len(".nii.gz")]: p for p in sorted(folder.glob("*.nii.gz"))}
-    files.update({p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in (".png", ".tif", ".tiff")})  # 2D
-    return files
+    if not folder.is_dir():
+        raise InvalidInputError("folder not found", source=str(folder))
+    return {case_name(p): p for p in sorted(folder.iterdir()) if p.is_file() and case_name(p) != p.name}
 
 
 def _labels_of(truth_folder: Path) -> dict[str, int]:
@@ -59,13 +60,19 @@ def evaluate_folders(
     nsd_tolerance_mm: float = 2.0,
     min_voxels: int = anatomy.MIN_VOXELS,
 ) -> Evaluation:
-    """Score every case present in both folders.
+    """Score every case of the truth folder against its prediction.
 
     Raises:
-        InvalidInputError: no case in common, or a prediction whose geometry differs from its truth.
+        InvalidInputError: a truth case without a prediction (never silently dropped from the scores), no
+            case in common, or a prediction whose geometry differs from its truth.
     """
     prediction_folder, truth_folder = Path(prediction_folder), Path(truth_folder)
     predictions, truths = _case_files(prediction_folder), _case_files(truth_folder)
+    missing = sorted(truths.keys() - predictions.keys())
+    if missing and predictions.keys() & truths.keys():
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InvalidInputError(f"{len(missing)} case(s) of the truth have no prediction: {shown}",
+                                source=str(prediction_folder), expected=f"one prediction per case of {truth_folder}")  # fmt: skip
     cases = sorted(predictions.keys() & truths.keys())
     if not cases:
         raise InvalidInputError(

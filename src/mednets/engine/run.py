@@ -26,7 +26,12 @@ from torch import nn
 
 from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, load_config
-from mednets.engine.checkpoints import load_checkpoint_config, load_model_weights, load_trainer_state
+from mednets.engine.checkpoints import (
+    load_checkpoint_config,
+    load_model_weights,
+    load_trainer_state,
+    recover_checkpoint,
+)
 from mednets.errors import CheckpointError
 from mednets.models import ModelSpec, create_model, get_model_spec
 from mednets.models.base import memory_format_for
@@ -148,6 +153,7 @@ class RunFolder:
             CheckpointError: neither exists.
         """
         for folder in (self.checkpoints / checkpoint, self.checkpoints / "last"):
+            recover_checkpoint(folder)
             if folder.is_dir():
                 return folder
         raise CheckpointError("no checkpoint in run folder", source=str(self.checkpoints),

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, save_config
-from mednets.engine.checkpoints import load_model_weights, load_trainer_state, save_checkpoint
+from mednets.engine.checkpoints import load_model_weights, load_trainer_state, recover_checkpoint, save_checkpoint
 from mednets.engine.distributed import DistributedContext, all_reduce_sum, barrier
 from mednets.errors import CheckpointError, ConfigError, TrainingError
 from mednets.host_memory import reuse_freed_memory
@@ -271,6 +271,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from `checkpoints/last`: weights, optimizer, scheduler, RNG, data position."""
         folder = self.checkpoint_dir / "last"
+        recover_checkpoint(folder)
         if not folder.is_dir():
             raise CheckpointError("nothing to resume", source=str(folder), expected="a checkpoint from an earlier run")
         load_model_weights(folder, self.model)
