@@ -75,3 +75,57 @@ def test_a_batch_larger_than_the_training_samples_is_an_error_not_an_endless_loo
 def test_a_run_name_must_be_one_path_component(name: str) -> None:
     with pytest.raises(ConfigError, match="one path component"):
         load_config(None, [f"name={name!r}" if name else "name=''"])
+
+
+def test_a_full_disk_loses_one_case_whole_and_the_others_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from mednets.data.volume import Volume
+    from mednets.engine import inference
+
+    scans = [_scan(tmp_path / "in" / f"case{i}.nii.gz") for i in range(3)]
+    monkeypatch.setattr(inference, "read_any", lambda path: Volume(np.zeros((4, 4, 4), np.int16)))
+    monkeypatch.setattr(inference, "predict_image",
+                        lambda run, volume, **_: inference.Prediction(np.ones((4, 4, 4), np.uint8), {"liver": {}}))  # fmt: skip
+    write_text = inference.atomic_write_text
+
+    def disk_full_for_case1(path: Path, text: str) -> Path:
+        if Path(path).name == "case1.json":
+            raise OSError(28, "No space left on device", str(path))
+        return write_text(path, text)
+
+    monkeypatch.setattr(inference, "atomic_write_text", disk_full_for_case1)
+    run = SimpleNamespace(
+        spec=SimpleNamespace(name="toy"), run_dir=tmp_path, preprocessing=SimpleNamespace(orientation=None)
+    )
+    result = predict_paths(run, scans, tmp_path / "out", progress=False)  # type: ignore[arg-type]
+    assert [p.name for p in result["written"]] == ["case0.nii.gz", "case2.nii.gz"]
+    assert len(result["failed"]) == 1 and "No space left on device" in result["failed"][0][1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "case0.json",
+        "case0.nii.gz",
+        "case2.json",
+        "case2.nii.gz",
+    ]
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
+def test_a_header_claiming_more_voxels_than_the_file_holds_is_refused_before_reading(
+    tmp_path: Path, ending: str
+) -> None:
+    import gzip
+
+    import nibabel as nib
+
+    from mednets.data.io import read_volume
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1200, 1200, 1200))  # 3.4 GB of int16 claimed...
+    header.set_data_dtype(np.int16)
+    header.set_data_offset(352)
+    data = header.binaryblock + b"\0" * 4 + np.zeros(8, np.int16).tobytes()  # ...by a file of 364 bytes
+    path = tmp_path / f"bomb{ending}"
+    path.write_bytes(gzip.compress(data) if ending == ".nii.gz" else data)
+    with pytest.raises(InvalidInputError, match="cannot fit in the file") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value)

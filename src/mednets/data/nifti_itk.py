@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,31 @@ from mednets.atomic import atomic_path
 from mednets.data.volume import Volume, affine_from_itk, itk_geometry, volume_file_array
 from mednets.errors import InvalidInputError
 
+# The most voxels a header may claim (about 8 GiB of float32); MEDNETS_MAX_VOXELS overrides it.
+MAX_VOXELS = int(os.environ.get("MEDNETS_MAX_VOXELS", 2**31))
+_GZIP_MAX_RATIO = 1032  # deflate's largest compression ratio
+
 __all__ = ["read_itk", "read_nifti", "write_itk", "write_metaimage", "write_nifti"]
+
+
+def _check_claimed_size(path: Path, image: Any) -> None:
+    """Refuse a header whose voxels cannot be in the file, or exceed `MAX_VOXELS`, before any is read.
+
+    A 69-byte file can claim 1200³ voxels; reading it would allocate gigabytes before failing. An
+    uncompressed file must hold the claimed bytes; gzip cannot shrink data more than about 1032 to 1,
+    whatever its members, so a compressed file far smaller than that is corrupt.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_VOXELS:
+        raise InvalidInputError("the header claims more voxels than mednets reads", source=str(path),
+                                expected=f"at most {MAX_VOXELS} (MEDNETS_MAX_VOXELS)", got=f"{shape}: {voxels}")  # fmt: skip
+    claimed = voxels * image.get_data_dtype().itemsize + int(getattr(image.dataobj, "offset", 0))
+    size = path.stat().st_size
+    possible = size * _GZIP_MAX_RATIO if str(path).lower().endswith(".gz") else size
+    if possible < claimed:
+        raise InvalidInputError("the header's voxels cannot fit in the file (truncated or corrupt)", source=str(path),
+                                expected=f"{claimed} bytes of voxels", got=f"a file of {size} bytes")  # fmt: skip
 
 
 def read_nifti(path: Path) -> Volume:
@@ -30,6 +55,10 @@ def read_nifti(path: Path) -> Volume:
 
     try:
         image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many types (ImageFileError, HeaderDataError, ...)
+        raise InvalidInputError(f"cannot read NIfTI file: {error}", source=str(path)) from error
+    _check_claimed_size(path, image)
+    try:
         data = np.asanyarray(image.dataobj)  # forces decompression: truncation shows up here
         affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)

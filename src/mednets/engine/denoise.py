@@ -140,6 +140,6 @@ def denoise_paths(
             denoised = np.stack([denoise_image(model, page, **options) for page in stack]).reshape(volume.array.shape)
             out = Volume(denoised, channel_axis=volume.channel_axis)
             written.append(write_volume(out, _output_path(path, target, single=source.is_file())))
-        except MednetsError as error:
+        except (MednetsError, OSError) as error:  # one bad image (or a full disk) is reported; the rest go on
             failed.append((str(path), str(error)))
     return {"written": written, "failed": failed}

@@ -339,6 +339,18 @@ def check_outputs(outputs: dict[Path, list[Path]]) -> None:
             owners[resolved] = source
 
 
+def _write_together(label_path: Path, labels: Volume, sidecar_path: Path, sidecar: dict, clock: _StageClock) -> None:
+    """Write a case's label map and sidecar (each atomically): both appear, or neither stays."""
+    write_volume(labels, label_path)
+    clock.lap("write")
+    sidecar["seconds"].update(clock.seconds)
+    try:
+        atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2))
+    except BaseException:
+        label_path.unlink(missing_ok=True)
+        raise
+
+
 def output_name(path: Path) -> str:
     """The label map's file name for an input: `<case>.nii.gz` for volumes, `.png` / `.tif` for 2D images."""
     suffix = "".join(path.suffixes[-1:]).lower()
@@ -379,8 +391,8 @@ def predict_paths(
             prediction = predict_image(run, volume, **options)
             name = output_name(path)
             writing = _StageClock()
-            label_path = write_volume(Volume(prediction.labels, volume.affine), out_dir / name)
-            writing.lap("write")
+            label_path = out_dir / name
+            sidecar_path = out_dir / f"{case_name(path)}.json"
             sidecar = {
                 "structures": prediction.structures,
                 "seconds": {**reading.seconds, **prediction.seconds, **writing.seconds},
@@ -388,8 +400,8 @@ def predict_paths(
                 "input": {"path": str(path), "shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
                           "orientation": volume.orientation if run.preprocessing.orientation else None},
             }  # fmt: skip
-            atomic_write_text(out_dir / f"{case_name(path)}.json", json.dumps(sidecar, indent=2))
+            _write_together(label_path, Volume(prediction.labels, volume.affine), sidecar_path, sidecar, writing)
             written.append(label_path)
-        except MednetsError as error:
+        except (MednetsError, OSError) as error:  # one bad case (or a full disk) is reported; the rest go on
             failed.append((str(path), str(error)))
     return {"written": written, "failed": failed}
