@@ -129,3 +129,16 @@ def test_a_header_claiming_more_voxels_than_the_file_holds_is_refused_before_rea
     with pytest.raises(InvalidInputError, match="cannot fit in the file") as caught:
         read_volume(path)
     assert str(path) in str(caught.value)
+
+
+def test_an_rgb_nifti_is_a_typed_error_naming_the_file(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from mednets.data.io import read_volume
+
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "rgb.nii.gz"
+    nib.Nifti1Image(rgb, np.eye(4)).to_filename(path)
+    with pytest.raises(InvalidInputError, match="plain numbers of one channel") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value)

@@ -63,6 +63,11 @@ def read_nifti(path: Path) -> Volume:
         affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise InvalidInputError(f"cannot read NIfTI file: {error}", source=str(path)) from error
+    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
+                                             or data.dtype == bool):  # fmt: skip
+        raise InvalidInputError("NIfTI voxels must be plain numbers of one channel (RGB or complex voxels are not "
+                                "images mednets segments)", source=str(path), expected="an integer or float dtype",
+                                got=str(data.dtype))  # fmt: skip
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
