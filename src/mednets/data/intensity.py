@@ -42,18 +42,22 @@ def normalise(
 
     Returns a tensor for a tensor, an array for an array.
     """
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array, copy=True))
+    if isinstance(array, torch.Tensor):
+        is_uint8 = array.dtype == torch.uint8
+        values = array.to(torch.float32, copy=True)
+    else:
+        is_uint8 = np.asarray(array).dtype == np.uint8
+        values = torch.from_numpy(np.array(array, dtype=np.float32))  # the one copy: a scan can be large
     if channel_name.upper() == "CT":
         low, high = _check_window(hu_window)
-        out = (tensor.float() - low) / (high - low)
-    elif tensor.dtype == torch.uint8:
-        out = tensor.float() / 255.0
+        values.sub_(low).div_(high - low)
+    elif is_uint8:
+        values.div_(255.0)
     else:
-        values = tensor.float()
         low, high = np.percentile(values.numpy(), PERCENTILES) if values.numel() else (0.0, 1.0)
-        out = (values - float(low)) / max(float(high - low), 1e-6)
-    out = out.clamp(0.0, 1.0)
-    return out if isinstance(array, torch.Tensor) else np.ascontiguousarray(out.numpy(), dtype=np.float32)
+        values.sub_(float(low)).div_(max(float(high - low), 1e-6))
+    values.clamp_(0.0, 1.0)
+    return values if isinstance(array, torch.Tensor) else values.numpy()
 
 
 def padding_value(channel_name: str, hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> float:

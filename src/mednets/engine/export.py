@@ -42,6 +42,7 @@ from mednets.atomic import atomic_write_bytes, atomic_write_text
 from mednets.engine.run import RunFolder
 from mednets.errors import ConfigError, MednetsError, UnknownNameError
 from mednets.models import get_model_spec, list_models
+from mednets.models.base import input_channels
 from mednets.tasks import AbsenceSegmentationTask, task_type
 
 __all__ = [
@@ -407,7 +408,7 @@ def export_run(
     spec = run.spec(checkpoint)
     model = run.load_model(checkpoint)
     spatial = run.preprocessing.window or spec.input_size
-    channels = next(m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    channels = input_channels(model)
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(1, channels, *spatial, generator=generator)
     return export_onnx(

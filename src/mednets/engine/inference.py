@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,11 @@ def _averaged(
     return totals
 
 
+def _channel_rule(prep: PreprocessingRecord) -> tuple[str, Sequence[float]]:
+    """The channel name and CT window that choose the normalisation (`mednets.data.intensity`)."""
+    return next(iter(prep.channel_names.values())), prep.hu_window or (0.0, 1.0)
+
+
 def _prepared(run: LoadedRun, volume: Volume) -> tuple[Volume, torch.Tensor]:
     """The input as the model saw it in training: oriented volume and normalised, resampled `[C, *S]`."""
     prep = run.preprocessing
@@ -180,8 +185,7 @@ def _prepared(run: LoadedRun, volume: Volume) -> tuple[Volume, torch.Tensor]:
                                 got=volume.array.shape)  # fmt: skip
     oriented = volume.reoriented(prep.orientation) if prep.orientation else volume
     array = oriented.array[None] if oriented.channel_axis is None else np.moveaxis(oriented.array, -1, 0)
-    channel = next(iter(prep.channel_names.values()))
-    image = torch.as_tensor(normalise(np.ascontiguousarray(array), channel, prep.hu_window or (0.0, 1.0)))
+    image = torch.as_tensor(normalise(array, *_channel_rule(prep)))
     if prep.spacing_mm is not None:
         image = _resample(image, oriented.spacing, prep.spacing_mm)
     return oriented, image
@@ -217,27 +221,22 @@ def predict_image(
         min_volume_fraction: empty a structure painted with less than this fraction of its smallest
             volume in training (a few voxels of a removed kidney are noise, not a kidney); 0 turns it off.
     """
-    settings = run.inference
-    tta = settings.tta if tta is None else tta
-    overlap = settings.overlap if overlap is None else overlap
-    gating = settings.gating if gating is None else gating
-    precision = settings.precision if precision is None else precision
-    batch_size = settings.batch_size if batch_size is None else batch_size
-    accumulate_device = accumulate_device or settings.accumulate_device or "cpu"
-    accumulate_dtype = getattr(torch, accumulate_dtype or settings.accumulate_dtype)
-    min_volume_fraction = settings.min_volume_fraction if min_volume_fraction is None else min_volume_fraction
+    chosen = dict(tta=tta, overlap=overlap, gating=gating, precision=precision, batch_size=batch_size,
+                  accumulate_device=accumulate_device, accumulate_dtype=accumulate_dtype,
+                  min_volume_fraction=min_volume_fraction)  # fmt: skip
+    settings = replace(run.inference, **{key: value for key, value in chosen.items() if value is not None})
     prep = run.preprocessing
     clock = _StageClock()
     oriented, image = _prepared(run, volume)
     clock.lap("preprocess")
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    if isinstance(tta, bool):
-        axes = augmentation_axes(list(run.structures), prep.spatial_dims)[0] if tta else []
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    if isinstance(settings.tta, bool):
+        axes = augmentation_axes(list(run.structures), prep.spatial_dims)[0] if settings.tta else []
     else:
-        axes = list(tta)
+        axes = list(settings.tta)
     with torch.no_grad(), autocast, reuse_freed_memory():  # the network's activations, not the scan's buffers
         if prep.grid:
-            fill = padding_value(next(iter(prep.channel_names.values())), prep.hu_window or (0.0, 1.0))
+            fill = padding_value(*_channel_rule(prep))
             model_input, offsets = _centre_pad_crop(image, prep.grid, fill)
 
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,13 +246,15 @@ def predict_image(
         else:
 
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
-                logits = sliding_window(run.model, x[0], prep.patch_size, overlap=overlap, batch_size=batch_size,
-                                        accumulate_device=accumulate_device, accumulate_dtype=accumulate_dtype,
-                                        precision=precision, size_multiple=run.spec.size_multiple)  # fmt: skip
+                logits = sliding_window(run.model, x[0], prep.patch_size, overlap=settings.overlap,
+                                        batch_size=settings.batch_size, size_multiple=run.spec.size_multiple,
+                                        accumulate_device=settings.accumulate_device or "cpu",
+                                        accumulate_dtype=getattr(torch, settings.accumulate_dtype),
+                                        precision=settings.precision)  # fmt: skip
                 return run.task.probabilities(logits[None])
 
             probabilities = _averaged(run_model, image[None], axes)
-        decoded = run.task.decode(probabilities, model=run.model, gating=gating)
+        decoded = run.task.decode(probabilities, model=run.model, gating=settings.gating)
     scores = decoded.scores.cpu()
     if prep.grid:
         scores = _undo_pad_crop(scores, image.shape[1:], offsets)
@@ -265,9 +266,9 @@ def predict_image(
     voxel_ml = volume.voxel_volume_ml()
     counts = np.bincount(labels.ravel(), minlength=int(label_ids.max()) + 1)  # voxels per label, one pass
     dropped = drop_small_structures(labels, run.structures, voxel_ml, prep.smallest_training_volume_ml,
-                                    min_volume_fraction, counts=counts)  # fmt: skip
+                                    settings.min_volume_fraction, counts=counts)  # fmt: skip
     volumes_ml = {name: float(counts[label]) * voxel_ml for name, label in run.structures.items()}
-    sidecar = run.task.sidecar_entries(decoded, run.structures, volumes_ml, gating=gating)
+    sidecar = run.task.sidecar_entries(decoded, run.structures, volumes_ml, gating=settings.gating)
     for name, label in run.structures.items():
         sidecar[name]["voxels"] = int(counts[label])
         if name in dropped:

@@ -201,10 +201,11 @@ class RunFolder:
         """The trainer state of a checkpoint (loaded with `weights_only=True`)."""
         return load_trainer_state(self.checkpoint_dir(checkpoint))
 
-    def build_model(self, checkpoint: str = "best") -> nn.Module:
-        """The run's model, untrained, fitted to its labels."""
+    def build_model(self, checkpoint: str = "best", config: ExperimentConfig | None = None) -> nn.Module:
+        """The run's model, untrained, fitted to its labels (`config`: the checkpoint's, when already read)."""
         labels = self.labels
-        return build_model_for_labels(self.config(checkpoint), None if labels is None else len(labels))
+        config = config or self.config(checkpoint)
+        return build_model_for_labels(config, None if labels is None else len(labels))
 
     def load_model(self, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
         """The trained model of `checkpoint` (best, falling back to last), in eval mode on `device`.
@@ -213,11 +214,12 @@ class RunFolder:
             CheckpointError: no checkpoint, missing run files, or weights that do not fit.
         """
         folder = self.checkpoint_dir(checkpoint)
-        spec = self.spec(checkpoint)
+        config = load_checkpoint_config(folder)
+        spec = get_model_spec(config.model.name)
         if task_type(spec.task).uses_labels and not self.dataset_path.is_file():
             raise CheckpointError("run folder is incomplete", source=str(self.dataset_path),
                                   expected="a run made by `mednets train`")  # fmt: skip
-        model = self.build_model(checkpoint)
+        model = self.build_model(checkpoint, config)
         load_model_weights(folder, model)
         model = model.to(memory_format=memory_format_for(spec.spatial_dims))  # the layout of the fast bf16 kernels
         return model.to(torch.device(device)).eval()

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from mednets.errors import InvalidInputError
 from mednets.models.kernels import conv1x1, norm_relu_project, supports_fused_tail
 
-__all__ = ["MednetsModel", "memory_format_for", "check_input"]
+__all__ = ["MednetsModel", "check_input", "input_channels", "memory_format_for"]
 
 
 @contextlib.contextmanager
@@ -53,6 +53,15 @@ def _recomputed(norms_of: nn.Module, function: Callable[..., Any], *inputs: Any)
 def memory_format_for(spatial_dims: int) -> torch.memory_format:
     """`channels_last` for 2D models, `channels_last_3d` for 3D ones."""
     return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels a built model takes: those of its first convolution (a run may override the registry's)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    raise InvalidInputError("the model has no convolution to read its input channels from",
+                            source=type(model).__name__)  # fmt: skip
 
 
 def check_input(x: torch.Tensor, *, channels: int, spatial_dims: int, name: str = "input") -> None:

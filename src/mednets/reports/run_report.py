@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mednets.atomic import atomic_write_text
 from mednets.engine.run import RunFolder
 from mednets.errors import InvalidInputError, MednetsError
 from mednets.models import get_model_spec
+from mednets.models.base import input_channels
 from mednets.reports.figures import figure_to_base64
 from mednets.reports.html import RUN_CSS, fmt, image, note, page, section, table
 from mednets.reports.measure import machine_description
@@ -319,8 +319,7 @@ def _model_measurements(run: RunData) -> tuple[ModelMeasurements | None, str]:
         folder = RunFolder(run.run_dir)
         model = folder.build_model().eval()
         spec = get_model_spec(run.config.model.name)
-        channels = next(m.in_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
-        shape = (1, channels, *(folder.preprocessing.window or spec.input_size))
+        shape = (1, input_channels(model), *(folder.preprocessing.window or spec.input_size))
         return describe_model(model, spec.name, shape, description=spec.description), ""
     except MednetsError as error:
         return None, f"The run's model could not be built and measured: {error}"
