@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mednets import anatomy
+from mednets.data.validation import FileCheck, check_files
 from mednets.errors import DatasetError
 
 __all__ = [
@@ -276,37 +277,31 @@ def _scan_images(folder: Path, ending: str, channels: list[int], problems: list[
     return found
 
 
-def _geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape [D, H, W] (2D images: [H, W], colour channels left out) and affine, from the header where possible."""
-    from mednets.data.io import NIFTI_SUFFIXES, read_volume
-
-    if path.name.endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        image = nib.load(str(path))
-        return tuple(int(s) for s in image.shape[:3][::-1]), np.asarray(image.affine)
-    volume = read_volume(path)
-    return volume.spatial_shape, volume.affine
-
-
-def validate_dataset(root: str | os.PathLike[str], *, check_values: bool = True) -> list[str]:
+def validate_dataset(root: str | os.PathLike[str], *, quick: bool = False, progress: bool = False) -> list[str]:
     """Check a dataset folder against docs/dataset_format.md; return every problem found (empty when valid).
+
+    Every image and label map is read whole, a few files in parallel (see `mednets.data.validation`).
 
     Args:
         root: the dataset folder.
-        check_values: also read every label map and check its values are declared in `labels`.
+        quick: read only the headers of volume files: layout, shapes and geometry are checked, voxel
+            values (truncated data, NaN, label values) are not.
+        progress: show a progress bar while the files are read.
+
+    Returns:
+        One line per problem, naming its file, in the same order for the same folder.
     """
-    problems, _ = _validate(Path(root), check_values=check_values)
+    problems, _ = _validate(Path(root), quick=quick, progress=progress)
     return problems
 
 
-def load_dataset(root: str | os.PathLike[str], *, check_values: bool = True) -> Dataset:
-    """Validate and open a dataset folder.
+def load_dataset(root: str | os.PathLike[str], *, quick: bool = False, progress: bool = False) -> Dataset:
+    """Validate (as `validate_dataset` does) and open a dataset folder.
 
     Raises:
         DatasetError: the folder breaks the format; the message lists every problem with its file.
     """
-    problems, dataset = _validate(Path(root), check_values=check_values)
+    problems, dataset = _validate(Path(root), quick=quick, progress=progress)
     if problems or dataset is None:
         count = len(problems)
         raise DatasetError(
@@ -352,46 +347,7 @@ def _read_info(root: Path, problems: list[str]) -> dict[str, Any] | None:
     return info
 
 
-def _check_image_files(root: Path, ending: str, problems: list[str]) -> None:
-    """The checks of datasets of 2D images: one page per file, the same colours per channel, integer labels."""
-    from mednets.data.io import read_image
-
-    colours: dict[str, dict[int, list[Path]]] = {}
-    for folder in ("imagesTr", "imagesTs"):
-        for path in sorted((root / folder).glob(f"*{ending}")) if (root / folder).is_dir() else []:
-            try:
-                volume = read_image(path)
-            except Exception as error:
-                problems.append(f"{path}: cannot read image file ({error})")
-                continue
-            pages = volume.array.ndim - (2 if volume.channel_axis is None else 3)
-            if pages:
-                problems.append(f"{path}: holds {volume.array.shape[0]} pages; a 2D dataset holds one page per file")
-                continue
-            count = 1 if volume.channel_axis is None else int(volume.array.shape[-1])
-            colours.setdefault(path.stem[-4:], {}).setdefault(count, []).append(path)
-    for channel, by_count in colours.items():
-        if len(by_count) > 1:
-            usual = max(by_count, key=lambda c: len(by_count[c]))
-            for count, paths in by_count.items():
-                problems.extend(
-                    f"{path}: {count} colour channel(s), other files of channel {channel} have {usual}"
-                    for path in paths
-                    if count != usual
-                )
-    for path in sorted((root / "labelsTr").glob(f"*{ending}")) if (root / "labelsTr").is_dir() else []:
-        try:
-            volume = read_image(path)
-        except Exception as error:
-            problems.append(f"{path}: cannot read label file ({error})")
-            continue
-        if volume.array.ndim != 2 or volume.channel_axis is not None:
-            problems.append(f"{path}: a label map must be one single-channel 2D image, got shape {volume.array.shape}")
-        elif not np.issubdtype(volume.array.dtype, np.integer) and volume.array.dtype != bool:
-            problems.append(f"{path}: a label map must hold integers, got {volume.array.dtype}")
-
-
-def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | None]:
+def _validate(root: Path, *, quick: bool, progress: bool) -> tuple[list[str], Dataset | None]:
     problems: list[str] = []
     info = _read_info(root, problems)
     if info is None:
@@ -399,12 +355,13 @@ def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | N
     info_path = root / "dataset.json"
     ending = str(info.get("file_ending", ".nii.gz"))
     channels = sorted(int(k) for k in info["channel_names"])
-    declared = set(int(v) for v in info["labels"].values())
 
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    images_dir, labels_dir, test_dir = root / "imagesTr", root / "labelsTr", root / "imagesTs"
     training_images: dict[str, dict[int, Path]] = {}
     if images_dir.is_dir():
         training_images = _scan_images(images_dir, ending, channels, problems)
+        if all(_stem(p, ending) is None for p in images_dir.iterdir() if not p.name.startswith(".")):
+            problems.append(f"{images_dir}: no training images ending in {ending}")
     else:
         problems.append(f"{images_dir}: missing imagesTr folder")
     label_files: dict[str, Path] = {}
@@ -419,6 +376,14 @@ def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | N
                 label_files[stem] = path
     else:
         problems.append(f"{labels_dir}: missing labelsTr folder")
+    test_images = _scan_images(test_dir, ending, channels, problems) if test_dir.is_dir() else {}
+
+    images = [path for found in (training_images, test_images) for case in found.values() for path in case.values()]
+    declared = [int(v) for v in info["labels"].values()]
+    checks = check_files(images, list(label_files.values()), label_ids=declared, quick=quick, progress=progress)
+    problems.extend(problem for check in checks.values() for problem in check.problems)
+    if ending.lower() in _IMAGE_ENDINGS:
+        problems.extend(_colour_problems([checks[path] for path in images]))
 
     training: list[Case] = []
     for case_id in sorted(training_images):
@@ -428,10 +393,10 @@ def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | N
             problems.append(f"{labels_dir / (case_id + ending)}: missing label file for case {case_id}")
         if not all(c in by_channel for c in channels):
             continue
-        images = tuple(by_channel[c] for c in channels)
-        training.append(Case(case_id, images, label))
+        case_images = tuple(by_channel[c] for c in channels)
+        training.append(Case(case_id, case_images, label))
         if label is not None:
-            problems.extend(_check_case(images, label, declared, check_values))
+            problems.extend(_geometry_problems([checks[path] for path in case_images], checks[label]))
     for case_id, path in label_files.items():
         if case_id not in training_images:
             problems.append(f"{path}: label file without an image ({images_dir / f'{case_id}_0000{ending}'} missing)")
@@ -455,42 +420,43 @@ def _validate(root: Path, *, check_values: bool) -> tuple[list[str], Dataset | N
                     for name in set(entry) - names:
                         problems.append(f"{info_path}: presence of {case_id} names undeclared structure {name}")
 
-    if ending.lower() in _IMAGE_ENDINGS:
-        _check_image_files(root, ending, problems)
-    test: list[Case] = []
-    test_dir = root / "imagesTs"
-    if test_dir.is_dir():
-        for case_id, by_channel in sorted(_scan_images(test_dir, ending, channels, problems).items()):
-            if all(c in by_channel for c in channels):
-                test.append(Case(case_id, tuple(by_channel[c] for c in channels)))
+    test = [
+        Case(case_id, tuple(by_channel[c] for c in channels))
+        for case_id, by_channel in sorted(test_images.items())
+        if all(c in by_channel for c in channels)
+    ]
     return list(dict.fromkeys(problems)), Dataset(root, info, training, test)
 
 
-def _check_case(images: tuple[Path, ...], label: Path, declared: set[int], check_values: bool) -> list[str]:
+def _geometry_problems(images: list[FileCheck], label: FileCheck) -> list[str]:
+    """A label map on the grid of each of its case's images: same shape, same affine."""
     problems = []
-    try:
-        label_shape, label_affine = _geometry(label)
-    except Exception as error:
-        return [f"{label}: cannot read label file ({error})"]
     for image in images:
-        try:
-            shape, affine = _geometry(image)
-        except Exception as error:
-            problems.append(f"{image}: cannot read image file ({error})")
-            continue
-        if shape != label_shape:
-            problems.append(f"{label}: shape {label_shape} differs from image {image.name} shape {shape}")
-        elif not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE_MM):
-            worst = float(np.abs(affine - label_affine).max())
-            problems.append(f"{label}: affine differs from image {image.name} (by up to {worst:.4g} mm)")
-    if check_values:
-        try:
-            values = np.unique(read_label_map(label))
-        except Exception as error:
-            return [*problems, f"{label}: cannot read label values ({error})"]
-        if not np.all(values == np.round(values)):
-            problems.append(f"{label}: label values must be integers")
-        undeclared = sorted(int(v) for v in values if int(v) not in declared)
-        if undeclared:
-            problems.append(f"{label}: label values {undeclared} are not declared in dataset.json labels")
+        if image.shape is None or label.shape is None:
+            continue  # already reported as unreadable
+        if image.shape != label.shape:
+            problems.append(
+                f"{label.path}: shape {label.shape} differs from image {image.path.name} shape {image.shape}"
+            )
+        elif not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE_MM):
+            worst = float(np.abs(image.affine - label.affine).max())
+            problems.append(f"{label.path}: affine differs from image {image.path.name} (by up to {worst:.4g} mm)")
+    return problems
+
+
+def _colour_problems(images: list[FileCheck]) -> list[str]:
+    """2D datasets: the files of one channel have the same number of colour channels (the most common one)."""
+    colours: dict[str, dict[int, list[Path]]] = {}
+    for check in images:
+        if check.shape is not None and len(check.shape) == 2:  # single-page images; others are reported
+            colours.setdefault(check.path.stem[-4:], {}).setdefault(check.colours, []).append(check.path)
+    problems = []
+    for channel, by_count in sorted(colours.items()):
+        usual = max(by_count, key=lambda count: len(by_count[count]))
+        problems.extend(
+            f"{path}: {count} colour channel(s), other files of channel {channel} have {usual}"
+            for count, paths in sorted(by_count.items())
+            for path in paths
+            if count != usual
+        )
     return problems

@@ -124,10 +124,10 @@ def first_level(volume: Volume, source: str) -> Volume:
     """
     array = volume.array
     pages = array.ndim - (2 if volume.channel_axis is None else 3)
+    if array.size == 0 or array.ndim < 2:
+        raise InvalidInputError("not a 2D image", source=source, got=volume.array.shape)
     if pages > 0:  # a stack of pages (or a pyramid's series): level 0 is the first
         array = array[(0,) * pages]
-    if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
-        raise InvalidInputError("not a 2D image", source=source, got=volume.array.shape)
     return Volume(np.ascontiguousarray(array), volume.affine, -1 if array.ndim == 3 else None, dict(volume.meta))
 
 

@@ -19,10 +19,20 @@ from typing import TYPE_CHECKING
 
 from mednets.data.dicom import read_dicom_series, write_dicom_series
 from mednets.data.images import first_level, read_pillow, read_tiff, write_pillow, write_tiff
-from mednets.data.nifti_itk import read_itk, read_nifti, write_itk, write_metaimage, write_nifti
+from mednets.data.nifti_itk import (
+    read_itk,
+    read_itk_geometry,
+    read_nifti,
+    read_nifti_geometry,
+    write_itk,
+    write_metaimage,
+    write_nifti,
+)
 from mednets.errors import InvalidInputError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from mednets.data.volume import Volume
 
 __all__ = [
@@ -37,6 +47,7 @@ __all__ = [
     "list_image_files",
     "list_inputs",
     "read_any",
+    "read_geometry",
     "read_image",
     "read_image_2d",
     "read_volume",
@@ -111,6 +122,26 @@ def read_volume(path: str | os.PathLike[str], *, series_uid: str | None = None) 
         source=str(path),
         expected=", ".join(VOLUME_SUFFIXES + IMAGE_SUFFIXES) + " or a DICOM folder",
     )
+
+
+def read_geometry(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and affine of a file, from its header alone for NIfTI, NRRD, MHA and MHD.
+
+    Other files (2D images, DICOM) are read whole, as `read_volume` reads them.
+
+    Returns:
+        (``Volume.spatial_shape``, ``Volume.affine``) of the file as `read_volume` would give it.
+
+    Raises:
+        InvalidInputError: what `read_volume` refuses before reading voxels.
+    """
+    path = Path(path)
+    if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
+        return read_nifti_geometry(path)
+    if path.is_file() and _suffix(path) in ITK_SUFFIXES:
+        return read_itk_geometry(path)
+    volume = read_volume(path)
+    return volume.spatial_shape, volume.affine
 
 
 def read_image(path: str | os.PathLike[str]) -> Volume:

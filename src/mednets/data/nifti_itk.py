@@ -2,6 +2,8 @@
 
 `mednets.data.io` chooses among these by file ending; the geometry conventions are those of
 `mednets.data.volume` (``[D, H, W]`` arrays, RAS+ affines; ITK's LPS is converted on the way).
+Every header is checked before any voxel is read (dimensions, voxel type, voxel count, a finite and
+invertible affine), so `read_nifti_geometry` and `read_itk_geometry` refuse what the readers refuse.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -18,25 +21,42 @@ from mednets.atomic import atomic_path
 from mednets.data.volume import Volume, affine_from_itk, itk_geometry, volume_file_array
 from mednets.errors import InvalidInputError
 
-# The most voxels a header may claim (about 8 GiB of float32); MEDNETS_MAX_VOXELS overrides it.
-MAX_VOXELS = int(os.environ.get("MEDNETS_MAX_VOXELS", 2**31))
+# The most voxels a header may claim (2**31: about 8 GiB of float32) unless MEDNETS_MAX_VOXELS says otherwise.
+_DEFAULT_MAX_VOXELS = 2**31
 _GZIP_MAX_RATIO = 1032  # deflate's largest compression ratio
 
-__all__ = ["read_itk", "read_nifti", "write_itk", "write_metaimage", "write_nifti"]
+__all__ = [
+    "read_itk",
+    "read_itk_geometry",
+    "read_nifti",
+    "read_nifti_geometry",
+    "write_itk",
+    "write_metaimage",
+    "write_nifti",
+]
+
+
+def _max_voxels() -> int:
+    return int(os.environ.get("MEDNETS_MAX_VOXELS", _DEFAULT_MAX_VOXELS))
+
+
+def _check_voxel_count(path: Path, shape: tuple[int, ...]) -> int:
+    """Refuse a header claiming more voxels than `_max_voxels`, before anything is allocated; return the count."""
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > _max_voxels():
+        raise InvalidInputError("the header claims more voxels than mednets reads", source=str(path),
+                                expected=f"at most {_max_voxels()} (MEDNETS_MAX_VOXELS)", got=f"{shape}: {voxels}")  # fmt: skip
+    return voxels
 
 
 def _check_claimed_size(path: Path, image: Any) -> None:
-    """Refuse a header whose voxels cannot be in the file, or exceed `MAX_VOXELS`, before any is read.
+    """Refuse a NIfTI header whose voxels cannot be in the file, or are too many, before any is read.
 
     A 69-byte file can claim 1200³ voxels; reading it would allocate gigabytes before failing. An
     uncompressed file must hold the claimed bytes; gzip cannot shrink data more than about 1032 to 1,
     whatever its members, so a compressed file far smaller than that is corrupt.
     """
-    shape = tuple(int(n) for n in image.shape)
-    voxels = int(np.prod(shape, dtype=np.int64))
-    if voxels > MAX_VOXELS:
-        raise InvalidInputError("the header claims more voxels than mednets reads", source=str(path),
-                                expected=f"at most {MAX_VOXELS} (MEDNETS_MAX_VOXELS)", got=f"{shape}: {voxels}")  # fmt: skip
+    voxels = _check_voxel_count(path, tuple(int(n) for n in image.shape))
     claimed = voxels * image.get_data_dtype().itemsize + int(getattr(image.dataobj, "offset", 0))
     size = path.stat().st_size
     possible = size * _GZIP_MAX_RATIO if str(path).lower().endswith(".gz") else size
@@ -45,37 +65,88 @@ def _check_claimed_size(path: Path, image: Any) -> None:
                                 expected=f"{claimed} bytes of voxels", got=f"a file of {size} bytes")  # fmt: skip
 
 
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InvalidInputError("the affine is singular or not finite", source=str(path), got=affine.tolist())
+
+
+def _open_nifti(path: Path) -> tuple[Any, np.ndarray]:
+    """The nibabel image of a 3D NIfTI file and its affine, the header checked and no voxel read yet."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        affine = np.asarray(image.affine, dtype=np.float64)
+        dtype = image.get_data_dtype()
+    except Exception as error:  # nibabel raises many types (ImageFileError, HeaderDataError, ...)
+        raise InvalidInputError(f"cannot read NIfTI file: {error}", source=str(path)) from error
+    if dtype.kind not in "biuf":  # bool, signed, unsigned, float; not RGB (structured) or complex
+        raise InvalidInputError("NIfTI voxels must be plain numbers of one channel (RGB or complex voxels are not "
+                                "images mednets segments)", source=str(path), expected="an integer or float dtype",
+                                got=str(dtype))  # fmt: skip
+    if not (len(image.shape) == 3 or (len(image.shape) == 4 and image.shape[3] == 1)):
+        raise InvalidInputError("NIfTI volume must be 3D", source=str(path), expected="3 dimensions", got=image.shape)
+    _check_claimed_size(path, image)
+    _check_affine(path, affine)
+    return image, affine
+
+
+def read_nifti_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape ``[D, H, W]`` and affine of a 3D NIfTI file from its header alone (no voxel is read).
+
+    Raises:
+        InvalidInputError: what `read_nifti` refuses before reading voxels.
+    """
+    image, affine = _open_nifti(path)
+    return tuple(int(n) for n in image.shape[:3][::-1]), affine
+
+
 def read_nifti(path: Path) -> Volume:
     """Read a 3D NIfTI file (a 4D one with a single volume too); the array is transposed to ``[D, H, W]``.
 
     Raises:
         InvalidInputError: corrupt, truncated or not 3D, or a singular or non-finite affine.
     """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises many types (ImageFileError, HeaderDataError, ...)
-        raise InvalidInputError(f"cannot read NIfTI file: {error}", source=str(path)) from error
-    _check_claimed_size(path, image)
+    image, affine = _open_nifti(path)
     try:
         data = np.asanyarray(image.dataobj)  # forces decompression: truncation shows up here
-        affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise InvalidInputError(f"cannot read NIfTI file: {error}", source=str(path)) from error
-    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
-                                             or data.dtype == bool):  # fmt: skip
-        raise InvalidInputError("NIfTI voxels must be plain numbers of one channel (RGB or complex voxels are not "
-                                "images mednets segments)", source=str(path), expected="an integer or float dtype",
-                                got=str(data.dtype))  # fmt: skip
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InvalidInputError("NIfTI volume must be 3D", source=str(path), expected="3 dimensions", got=data.shape)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InvalidInputError("NIfTI affine is singular or not finite", source=str(path), got=affine.tolist())
-    array = np.ascontiguousarray(data.transpose(2, 1, 0))
+    array = np.ascontiguousarray(data.reshape(image.shape[:3]).transpose(2, 1, 0))  # nibabel flattens empty data
     return Volume(array, affine, None, {"source": str(path), "format": "nifti"})
+
+
+def _open_itk(path: Path) -> tuple[Any, np.ndarray]:
+    """A SimpleITK reader of a 3D single-channel file and its RAS+ affine, the header checked and no voxel read yet."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as error:  # SimpleITK raises RuntimeError with ITK's message
+        raise InvalidInputError(f"cannot read file: {_itk_message(error)}", source=str(path)) from error
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise InvalidInputError("expected a 3D single-channel volume", source=str(path),
+                                got=f"{reader.GetDimension()}D, {reader.GetNumberOfComponents()} components")  # fmt: skip
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InvalidInputError("voxels must be plain numbers (complex voxels are not images mednets segments)",
+                                source=str(path), expected="an integer or float type",
+                                got=reader.GetPixelIDTypeAsString())  # fmt: skip
+    _check_voxel_count(path, tuple(reversed(reader.GetSize())))
+    affine = affine_from_itk(reader)
+    _check_affine(path, affine)
+    return reader, affine
+
+
+def read_itk_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape ``[D, H, W]`` and affine of a NRRD, MHA or MHD file from its header alone (no voxel is read).
+
+    Raises:
+        InvalidInputError: what `read_itk` refuses before reading voxels.
+    """
+    reader, affine = _open_itk(path)
+    return tuple(int(n) for n in reversed(reader.GetSize())), affine
 
 
 def read_itk(path: Path, file_format: str) -> Volume:
@@ -86,27 +157,67 @@ def read_itk(path: Path, file_format: str) -> Volume:
         file_format: its format name for ``meta["format"]``, e.g. ``"nrrd"``.
 
     Raises:
-        InvalidInputError: unreadable, or not a 3D single-channel volume.
+        InvalidInputError: unreadable, truncated, or not a 3D single-channel volume of numbers.
     """
     import SimpleITK as sitk
 
+    reader, affine = _open_itk(path)
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute()
         array = sitk.GetArrayFromImage(image)
     except Exception as error:  # SimpleITK raises RuntimeError with ITK's message
-        raise InvalidInputError(f"cannot read file: {_first_line(error)}", source=str(path)) from error
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InvalidInputError(
-            "expected a 3D single-channel volume",
-            source=str(path),
-            got=f"{image.GetDimension()}D, {image.GetNumberOfComponentsPerPixel()} components",
-        )
-    return Volume(array, affine_from_itk(image), None, {"source": str(path), "format": file_format})
+        raise InvalidInputError(f"cannot read file: {_itk_message(error)}", source=str(path)) from error
+    if file_format in ("mha", "mhd"):
+        _check_metaimage_data(path, array.nbytes)
+    return Volume(array, affine, None, {"source": str(path), "format": file_format})
 
 
-def _first_line(error: BaseException) -> str:
+def _check_metaimage_data(path: Path, expected_bytes: int) -> None:
+    """Refuse compressed MetaImage voxels that inflate to fewer bytes than the header claims.
+
+    ITK does not report such a short stream: it leaves the rest of the image as uninitialised memory.
+    """
+    with path.open("rb") as header:
+        fields: dict[str, str] = {}
+        for line in iter(header.readline, b""):
+            key, _, value = line.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":  # the header's last field: the voxels follow it
+                break
+        if fields.get("CompressedData", "").lower() != "true":
+            return
+        data_file = fields.get("ElementDataFile", "")
+        if data_file == "LOCAL":
+            inflated = _inflated_size(header, path)
+        elif (path.parent / data_file).is_file():
+            with (path.parent / data_file).open("rb") as data:
+                inflated = _inflated_size(data, path)
+        else:  # a list or pattern of slice files: ITK has checked what it could
+            return
+    if inflated < expected_bytes:
+        raise InvalidInputError("the compressed voxels end early (truncated or corrupt)", source=str(path),
+                                expected=f"{expected_bytes} bytes of voxels", got=f"{inflated} bytes")  # fmt: skip
+
+
+def _inflated_size(stream: IO[bytes], path: Path) -> int:
+    """Bytes a zlib stream inflates to, counted chunk by chunk (the inflated data is not kept)."""
+    inflater, total = zlib.decompressobj(), 0
+    try:
+        while not inflater.eof and (chunk := stream.read(1 << 20)):
+            while chunk and not inflater.eof:
+                total += len(inflater.decompress(chunk, 1 << 24))
+                chunk = inflater.unconsumed_tail
+    except zlib.error as error:
+        raise InvalidInputError(f"the compressed voxels are corrupt: {error}", source=str(path)) from error
+    return total
+
+
+def _itk_message(error: BaseException) -> str:
+    """The useful sentence of an ITK error: the text of its ``ITK ERROR`` line, else its last line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # ITK messages start with a file:line location; the useful text is the last line.
+    for line in lines:
+        if line.startswith("ITK ERROR:"):  # "ITK ERROR: MetaImageIO(0x55be...): File cannot be read: ..."
+            return line.split("): ", 1)[-1]
     return lines[-1] if lines else type(error).__name__
 
 
