@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mednets.cli import join_multi_value_options, main
+from mednets.cli import main
+from mednets.cli_options import join_multi_value_options
 
 
 def test_models_lists_seed_models_with_counts(capsys: pytest.CaptureFixture[str]) -> None:

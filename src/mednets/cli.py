@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mednets.cli_options import join_multi_value_options, parse_numbers
 from mednets.errors import ConfigError, MednetsError
 
 __all__ = ["app", "main"]
@@ -28,49 +29,6 @@ app = typer.Typer(
 # Piped output (files, CI logs) has no terminal width: keep tables unwrapped there.
 console = Console(width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
-
-# Options that take several numbers (`--input-size 3 256 256`). Click options have a fixed arity,
-# so `main` joins the numbers after such an option into one comma-separated value.
-MULTI_VALUE_OPTIONS = frozenset({"--input-size", "--shape", "--spacing", "--window"})
-
-
-def join_multi_value_options(argv: list[str]) -> list[str]:
-    """Rewrite `--input-size 3 256 256` as `--input-size 3,256,256` (numbers only are joined)."""
-    joined: list[str] = []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        joined.append(token)
-        index += 1
-        if token in MULTI_VALUE_OPTIONS:
-            values = []
-            while index < len(argv) and _is_number(argv[index]):
-                values.append(argv[index])
-                index += 1
-            if values:
-                joined.append(",".join(values))
-    return joined
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_numbers(text: str, option: str, *, kind: type = int, counts: tuple[int, ...] = (2, 3, 4)) -> tuple:
-    """Parse `"3,256,256"` into numbers of `kind`, checking how many there are."""
-    try:
-        values = tuple(kind(v) for v in text.replace(",", " ").split())
-    except ValueError as error:
-        raise ConfigError("must be numbers", source=option, expected=f"{kind.__name__}s", got=text) from error
-    if len(values) not in counts:
-        raise ConfigError(
-            "wrong number of values", source=option, expected=f"{' or '.join(map(str, counts))} values", got=text
-        )
-    return values
 
 
 @app.callback()
@@ -169,6 +127,29 @@ def phantoms_command(
     console.print(f"wrote {n} phantoms to {root}")
 
 
+@app.command("validate")
+def validate_command(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (imagesTr/, labelsTr/, dataset.json).")],
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Read headers only: layout, shapes, geometry; not the voxel values.")
+    ] = False,
+) -> None:
+    """Check a dataset folder: layout, dataset.json, and every voxel of every file (truncation, NaN, labels)."""
+    from mednets.data.dataset import validate_dataset
+
+    if not dataset.is_dir():
+        raise ConfigError("not a folder", source=str(dataset), expected="a dataset folder")
+    problems = validate_dataset(dataset, quick=quick, progress=True)
+    errors = Console(stderr=True, soft_wrap=True)
+    for problem in problems:
+        errors.print(f"[bold red]problem:[/] {problem}", highlight=False)
+    if problems:
+        errors.print(f"[bold red]{len(problems)} problem{'s' if len(problems) != 1 else ''}[/] in {dataset}",
+                     highlight=False)  # fmt: skip
+        raise typer.Exit(1)
+    console.print(f"{dataset}: valid ({'headers only' if quick else 'every voxel read'})")
+
+
 @app.command("convert-labels")
 def convert_labels_command(
     source: Annotated[Path, typer.Option("--in", help="Label map to convert (any supported volume format).")],
@@ -249,6 +230,20 @@ def evaluate_command(
             console.print(f"wrote {path}")
 
 
+def _report_batch(result: dict[str, list]) -> None:
+    """Print what a batch wrote and each failed input (its message names the file); exit 1 after any failure."""
+    for path in result["written"]:
+        console.print(f"wrote {path}")
+    errors = Console(stderr=True, soft_wrap=True)
+    for _path, message in result["failed"]:
+        errors.print(f"[bold red]failed:[/] {message}", highlight=False)
+    if result["failed"]:
+        total = len(result["written"]) + len(result["failed"])
+        errors.print(f"[bold red]{len(result['failed'])} of {total} inputs failed[/]; the others were written",
+                     highlight=False)  # fmt: skip
+        raise typer.Exit(1)
+
+
 @app.command("predict")
 def predict_command(
     run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train`.")],
@@ -300,12 +295,7 @@ def predict_command(
     result = predict_paths(loaded, inputs, out, tta=tta, overlap=overlap, gating=gating, precision=precision,
                            batch_size=batch_size, accumulate_device=accumulate_device,
                            accumulate_dtype=accumulate_dtype, min_volume_fraction=min_volume_fraction)  # fmt: skip
-    for path in result["written"]:
-        console.print(f"wrote {path}")
-    for _path, message in result["failed"]:  # the message names the file
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]failed:[/] {message}", highlight=False)
-    if result["failed"]:
-        raise typer.Exit(1)
+    _report_batch(result)
 
 
 @app.command("denoise")
@@ -340,12 +330,7 @@ def denoise_command(
     multiple = RunFolder(run).spec(checkpoint).size_multiple
     result = denoise_paths(model, source, target, patch_size=patch_size, overlap=overlap, batch_size=batch_size,
                            size_multiple=multiple, precision=precision, keep_mean_colour=keep_mean_colour)  # fmt: skip
-    for path in result["written"]:
-        console.print(f"wrote {path}")
-    for _path, message in result["failed"]:  # the message names the file
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]failed:[/] {message}", highlight=False)
-    if result["failed"]:
-        raise typer.Exit(1)
+    _report_batch(result)
 
 
 @app.command("dataset-from-image")

@@ -6,6 +6,8 @@ Each error names *where* the problem is (a file, a config key, a tensor), *what*
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "MednetsError",
     "InvalidInputError",
@@ -14,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "DatasetError",
     "TrainingError",
+    "failure_message",
 ]
 
 
@@ -76,3 +79,18 @@ class DatasetError(InvalidInputError):
 
 class TrainingError(MednetsError, RuntimeError):
     """Training cannot continue, e.g. the loss became NaN or infinite."""
+
+
+def failure_message(case: str | os.PathLike[str], error: Exception) -> str:
+    """One line for a case that failed in a batch: the case's file first, then the reason.
+
+    A typed error usually names the file already; an `OSError` (a full disk, a read-only folder)
+    names the file it was writing, which is often a temporary one, so the case is put in front.
+    """
+    case = os.fspath(case)
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        target = os.fspath(error.filename) if error.filename else None
+        return f"{case}: {reason}" + (f" (writing {target})" if target and target != case else "")
+    text = str(error) or type(error).__name__
+    return text if case in text else f"{case}: {text}"

@@ -57,11 +57,17 @@ def save_checkpoint(
     temporary, previous = _hidden(folder, "tmp"), _hidden(folder, "old")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    weights, aliases = _deduplicated(_unwrap(model).state_dict())
-    save_file(weights, temporary / MODEL_FILE, metadata={"aliases": json.dumps(aliases)})
-    os.chmod(temporary / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors writes owner-only files
-    torch.save(state, temporary / STATE_FILE)
-    save_config(config, temporary / CONFIG_FILE)
+    try:
+        weights, aliases = _deduplicated(_unwrap(model).state_dict())
+        save_file(weights, temporary / MODEL_FILE, metadata={"aliases": json.dumps(aliases)})
+        os.chmod(temporary / MODEL_FILE, 0o666 & ~_UMASK)  # safetensors writes owner-only files
+        torch.save(state, temporary / STATE_FILE)
+        save_config(config, temporary / CONFIG_FILE)
+    except BaseException as error:  # e.g. a full disk: the half-written copy must not keep the space
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, (SafetensorError, RuntimeError)):  # how safetensors and torch.save report I/O errors
+            raise CheckpointError(f"cannot write the checkpoint ({error})", source=str(folder)) from error
+        raise
     shutil.rmtree(previous, ignore_errors=True)
     if folder.exists():
         folder.rename(previous)

@@ -23,10 +23,11 @@ from torch import nn
 from mednets.data.images import from_unit_range, to_unit_range
 from mednets.data.io import list_image_files, read_image, write_volume
 from mednets.data.volume import Volume
+from mednets.devices import resolve_device
 from mednets.engine.inference import check_outputs
 from mednets.engine.run import RunFolder
 from mednets.engine.sliding_window import sliding_window
-from mednets.errors import ConfigError, MednetsError
+from mednets.errors import ConfigError, MednetsError, failure_message
 from mednets.tasks import task_type
 
 __all__ = ["denoise_array", "denoise_image", "denoise_paths", "load_denoiser", "with_input_mean_colour"]
@@ -43,7 +44,7 @@ def load_denoiser(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", 
     spec = folder.spec(checkpoint)
     if task_type(spec.task).uses_labels:
         raise ConfigError("not a denoising run (use `mednets predict`)", source=str(run_dir), got=spec.task)
-    return folder.load_model(checkpoint, device)
+    return folder.load_model(checkpoint, resolve_device(device, source="--device"))
 
 
 def denoise_array(
@@ -141,5 +142,5 @@ def denoise_paths(
             out = Volume(denoised, channel_axis=volume.channel_axis)
             written.append(write_volume(out, _output_path(path, target, single=source.is_file())))
         except (MednetsError, OSError) as error:  # one bad image (or a full disk) is reported; the rest go on
-            failed.append((str(path), str(error)))
+            failed.append((str(path), failure_message(path, error)))
     return {"written": written, "failed": failed}

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from mednets.devices import resolve_device
+
 __all__ = ["DistributedContext", "init_distributed", "all_reduce_sum", "barrier", "shutdown_distributed"]
 
 
@@ -34,19 +36,11 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def _device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
-
-
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the process group when launched by `torchrun` (WORLD_SIZE > 1); else a single-process context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    target = _device(device, local_rank)
+    target = resolve_device(device, source="train.device", local_rank=local_rank)
     if world_size > 1 and not dist.is_initialized():
         if target.type == "cuda":
             torch.cuda.set_device(target)

@@ -37,9 +37,10 @@ from mednets.data.intensity import normalise, padding_value
 from mednets.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, case_name, list_inputs, read_any, write_volume
 from mednets.data.transforms import augmentation_axes
 from mednets.data.volume import Volume
+from mednets.devices import resolve_device
 from mednets.engine.run import PreprocessingRecord, RunFolder
 from mednets.engine.sliding_window import sliding_window
-from mednets.errors import InvalidInputError, MednetsError
+from mednets.errors import InvalidInputError, MednetsError, failure_message
 from mednets.host_memory import reuse_freed_memory
 from mednets.models import ModelSpec
 from mednets.tasks import Task, create_task
@@ -90,19 +91,20 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
     Raises:
         CheckpointError: the run folder lacks a checkpoint, its dataset.json or preprocessing.json.
     """
+    target = resolve_device(device, source="--device")
     folder = RunFolder(run_dir)
     config = folder.config(checkpoint)
     spec = folder.spec(checkpoint)
     labels = folder.labels or {}
     return LoadedRun(
         folder=folder,
-        model=folder.load_model(checkpoint, device),
+        model=folder.load_model(checkpoint, target),
         spec=spec,
         task=create_task(spec.task, num_classes=len(labels)),
         structures=folder.structures,
         preprocessing=folder.preprocessing,
         inference=config.inference,
-        device=torch.device(device),
+        device=target,
     )
 
 
@@ -404,5 +406,5 @@ def predict_paths(
             _write_together(label_path, Volume(prediction.labels, volume.affine), sidecar_path, sidecar, writing)
             written.append(label_path)
         except (MednetsError, OSError) as error:  # one bad case (or a full disk) is reported; the rest go on
-            failed.append((str(path), str(error)))
+            failed.append((str(path), failure_message(path, error)))
     return {"written": written, "failed": failed}

@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, load_config
 from mednets.engine.checkpoints import (
     load_checkpoint_config,
@@ -89,10 +88,6 @@ class PreprocessingRecord:
             raise CheckpointError("unknown key in preprocessing record", source=source, expected=sorted(known),
                                   got=unknown)  # fmt: skip
         return cls(**data)
-
-    def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the record as JSON, atomically."""
-        return atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
 
 def build_model_for_labels(config: ExperimentConfig, num_labels: int | None) -> nn.Module:
@@ -224,13 +219,23 @@ class RunFolder:
         model = model.to(memory_format=memory_format_for(spec.spatial_dims))  # the layout of the fast bf16 kernels
         return model.to(torch.device(device)).eval()
 
+    def has_checkpoint(self) -> bool:
+        """Whether the run has saved `checkpoints/last` (recovering one a crash left mid-swap)."""
+        try:
+            return self.checkpoint_dir("last").is_dir()
+        except CheckpointError:
+            return False
+
     def run_files(self) -> list[Path]:
-        """The files and folders of a training run that exist here (config, records, metrics, checkpoints)."""
-        names = (self.CONFIG, self.DATASET, self.PREPROCESSING, self.METRICS, "checkpoints", "tensorboard")
+        """The files and folders of a training run that exist here, checkpoints first (config, records, metrics)."""
+        names = ("checkpoints", self.CONFIG, self.DATASET, self.PREPROCESSING, self.METRICS, "tensorboard")
         return [self.path / name for name in names if (self.path / name).exists()]
 
     def remove_run_files(self) -> None:
-        """Remove the run's files (generated data such as phantoms stays), for a run that replaces this one."""
+        """Remove the run's files (generated data such as phantoms stays), for a run that replaces this one.
+
+        The weights go first: a crash midway leaves a run that cannot predict, never old weights beside
+        new records."""
         for path in self.run_files():
             if path.is_dir():
                 shutil.rmtree(path)

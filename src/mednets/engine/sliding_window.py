@@ -34,6 +34,7 @@ from monai.data.utils import compute_importance_map
 from torch import nn
 from tqdm.auto import tqdm
 
+from mednets.devices import resolve_device
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.host_memory import reuse_freed_memory
 
@@ -165,7 +166,9 @@ def sliding_window(
     padded = tuple(image.shape[1:])
     corners = list(itertools.product(*starts))
     device = _model_device(model, image)
-    target = torch.device(accumulate_device) if accumulate_device is not None else image.device
+    target = (
+        image.device if accumulate_device is None else resolve_device(accumulate_device, source="accumulate_device")
+    )
     window_weights = _window_weights(weights, patch, padded, overlaps if weights == "seamless" else None,
                                      sigma_scale, target)  # fmt: skip
     weight_sum = torch.zeros(padded, device=target)

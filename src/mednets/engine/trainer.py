@@ -248,6 +248,7 @@ class Trainer:
                               source="train.batch_size", expected=f"at most {len(self.sampler)}",
                               got=settings.batch_size)  # fmt: skip
         self.state = TrainState()
+        self.saved_step: int | None = None  # the step of checkpoints/last, once there is one
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -267,6 +268,14 @@ class Trainer:
         """Write `checkpoints/<name>` (main process only)."""
         if self.context.is_main:
             save_checkpoint(self.checkpoint_dir / name, self.model, self._trainer_state(), self.config)
+        if name == "last":
+            self.saved_step = self.state.step
+
+    def _what_is_kept(self) -> str:
+        """What a failed step leaves behind, for its error message (never a checkpoint that does not exist)."""
+        if self.saved_step is None:
+            return f"no checkpoint was written before it (the first comes at step {self.config.train.val_every})"
+        return f"the last good checkpoint (step {self.saved_step}) is kept"
 
     def resume(self) -> None:
         """Continue from `checkpoints/last`: weights, optimizer, scheduler, RNG, data position."""
@@ -282,6 +291,7 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
             self.state = TrainState(**saved["state"])
             _restore_rng_states(saved["rng"])
+            self.saved_step = self.state.step
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"trainer state does not fit this run ({error})", source=str(folder)) from error
 
@@ -330,7 +340,7 @@ class Trainer:
         reduced = self._mean_over_ranks(sums)
         if not math.isfinite(reduced["total"]):
             raise TrainingError(
-                f"loss became {reduced['total']} at step {self.state.step + 1}; the last good checkpoint is kept",
+                f"loss became {reduced['total']} at step {self.state.step + 1}; {self._what_is_kept()}",
                 source=str(self.checkpoint_dir / "last"),
                 got={k: v for k, v in reduced.items() if not math.isfinite(v)},
             )
@@ -339,7 +349,7 @@ class Trainer:
         if not math.isfinite(float(norm)) and not self.scaler.is_enabled():  # fp16's scaler skips such steps itself
             raise TrainingError(
                 f"gradient norm became {float(norm)} at step {self.state.step + 1} with a finite loss; "
-                "the last good checkpoint is kept",
+                f"{self._what_is_kept()}",
                 source=str(self.checkpoint_dir / "last"),
             )
         self.scaler.step(self.optimizer)
@@ -362,9 +372,12 @@ class Trainer:
         self.model.eval()
         rng = _rng_states()  # validation must not shift the training's random stream (exact resume)
         indices = list(range(self.context.rank, len(self.val_set), self.context.world_size))
+        # A rank without cases of its own (fewer cases than ranks) scores case 0 with weight 0, so that
+        # every rank reduces the same metric names; otherwise the reduction below would wait forever.
+        weight = 1.0 if indices else 0.0
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
-        for index in indices:
+        for index in indices or [0]:
             batch = _to_device(torch.utils.data.default_collate([self.val_set[index]]), self.device, self.memory_format)
             with self._autocast():
                 outputs = self.infer(self.model, batch["image"]) if self.infer else self.model(batch["image"])
@@ -373,8 +386,8 @@ class Trainer:
             for key, value in values.items():
                 value = value.detach().double().flatten()
                 defined = ~torch.isnan(value)
-                sums[key] = sums.get(key, 0.0) + float(value[defined].sum())
-                counts[key] = counts.get(key, 0.0) + float(defined.sum())
+                sums[key] = sums.get(key, 0.0) + weight * float(value[defined].sum())
+                counts[key] = counts.get(key, 0.0) + weight * float(defined.sum())
         _restore_rng_states(rng)
         keys = sorted(sums)
         packed = torch.tensor([[sums[k], counts[k]] for k in keys], dtype=torch.float64, device=self.device)

@@ -9,14 +9,17 @@ inputs exactly as training did.
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass, replace
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig
 from mednets.data.convert import ensure_phantom_datasets
 from mednets.data.dataset import Dataset, load_dataset
@@ -28,6 +31,8 @@ from mednets.engine.sliding_window import sliding_window
 from mednets.engine.trainer import Trainer
 from mednets.errors import ConfigError
 from mednets.models import ModelSpec, get_model_spec
+from mednets.models.base import layer_inputs
+from mednets.models.kernels import BF16SafeConv3d
 from mednets.tasks import Task, create_task, task_type
 
 __all__ = ["VALIDATION_OVERLAP", "run_training"]
@@ -125,6 +130,70 @@ def _image_setup(config: ExperimentConfig, spec: ModelSpec) -> _Setup:
                   record)  # fmt: skip
 
 
+def _check_input_fits_model(setup: _Setup, spec: ModelSpec, context: DistributedContext) -> None:
+    """Refuse a training input the model cannot train on, before any file of the run is written.
+
+    Traced on the meta device (no arithmetic). Two faults are caught: a layer that refuses the map it
+    gets (an instance normalisation over a single voxel), and, in CPU bf16 3D training, a plain
+    `nn.Conv3d` that would see a map with a side under 4 voxels: torch's CPU bf16 kernels compute wrong weight gradients for
+    those (`BF16SafeConv3d`, which mednets' own models use, runs them in float32), so a model from
+    elsewhere gets a clear error instead of a run that diverges.
+    """
+    window = setup.record.window
+    if not window:
+        return
+    source = "data.patch_size" if setup.record.patch_size else "model input size"
+    try:
+        calls = layer_inputs(setup.model, window)
+    except ValueError as error:  # a layer refused the map it got, e.g. a normalisation over a single voxel
+        raise ConfigError(f"model {spec.name} cannot run on this input ({error}); use a larger input",
+                          source=source, got=list(window)) from error  # fmt: skip
+    if setup.config.train.precision != "bf16" or context.device.type != "cpu" or spec.spatial_dims != 3:
+        return
+    smallest = BF16SafeConv3d.SMALLEST_BF16_SIDE
+    unsafe = [(name, size) for name, module, size in calls if type(module) is nn.Conv3d and min(size) < smallest]
+    if not unsafe:
+        return
+    name, size = unsafe[0]
+    raise ConfigError(
+        f"with bf16 on CPU, torch computes wrong weight gradients for 3D convolutions on maps with a side under "
+        f"{smallest} voxels, and {len(unsafe)} convolution call(s) of this model get one (e.g. {name} gets "
+        f"{list(size)}); use a larger input or train.precision=fp32",
+        source=source,
+        expected=f"sides of at least {_scaled(window, [size for _, size in unsafe], smallest)}",
+        got=list(window),
+    )
+
+
+def _scaled(window: Sequence[int], sizes: list[tuple[int, ...]], smallest: int) -> list[int]:
+    """The input size that gives every map in `sizes` at least `smallest` voxels per side (scaled per axis)."""
+    return [max([side] + [math.ceil(smallest * side / size[axis]) for size in sizes if size[axis] < smallest])
+            for axis, side in enumerate(window)]  # fmt: skip
+
+
+def _write_run_records(folder: RunFolder, setup: _Setup, *, resume: bool) -> None:
+    """Write `dataset.json` and `preprocessing.json` (atomically); a resumed run must find what its
+    weights were trained with, or prediction would prepare inputs differently from training."""
+    records = {folder.preprocessing_path: json.dumps(asdict(setup.record), indent=2)}
+    if setup.dataset is not None:
+        records[folder.dataset_path] = (setup.dataset.root / "dataset.json").read_text(encoding="utf-8")
+    folder.path.mkdir(parents=True, exist_ok=True)
+    for path, text in records.items():
+        if resume and path.is_file() and _meaning(path, path.read_text(encoding="utf-8")) != _meaning(path, text):
+            raise ConfigError("the data or preprocessing changed since the run began: the saved weights were "
+                              "trained on the old ones; start a new run (another name, or --overwrite)",
+                              source=str(path))  # fmt: skip
+        atomic_write_text(path, text)
+
+
+def _meaning(path: Path, text: str) -> Any:
+    """What prediction reads from a run record: all of preprocessing.json, the labels and channels of dataset.json."""
+    content = json.loads(text)
+    if path.name == RunFolder.DATASET:
+        return {key: content.get(key) for key in ("labels", "channel_names", "file_ending")}
+    return content
+
+
 def run_training(
     config: ExperimentConfig,
     run_dir: str | Path,
@@ -136,9 +205,10 @@ def run_training(
 ) -> dict[str, Any]:
     """Train the configured model into `run_dir`; returns the final state and validation metrics.
 
-    A folder that already holds a run is continued with `resume`, or replaced with `overwrite` (its
-    run files go first; generated phantoms stay); otherwise it is refused, so no run is ever silently
-    replaced.
+    A folder that already holds a run is continued with `resume` (one stopped before its first
+    checkpoint, or an empty folder, starts afresh, as nnU-Net's `--c` does), or replaced with `overwrite` (its run files go first; generated phantoms
+    stay); otherwise it is refused, so no run is ever silently replaced. A resumed run must find its
+    data and preprocessing unchanged.
 
     Raises:
         ConfigError: `run_dir` holds a run and neither `resume` nor `overwrite` is set; a patch-wise
@@ -146,12 +216,15 @@ def run_training(
         DatasetError, InvalidInputError: unusable data.
     """
     run_dir = Path(run_dir)
-    existing = RunFolder(run_dir).run_files()
+    folder = RunFolder(run_dir)
+    existing = folder.run_files()
+    if resume and not folder.has_checkpoint():  # stopped before its first checkpoint (or never started): start
+        resume, overwrite = False, True
     if existing and not resume:
         if not overwrite:
             raise ConfigError("the folder already holds a run: continue it with --resume or replace it with "
                               "--overwrite", source=str(run_dir), got=sorted(p.name for p in existing))  # fmt: skip
-        RunFolder(run_dir).remove_run_files()
+        folder.remove_run_files()
     context = init_distributed(config.train.device)
     spec = get_model_spec(config.model.name)
     if data_dir is not None:
@@ -161,11 +234,9 @@ def run_training(
         setup = _labelled_setup(config, spec, run_dir, context)
     else:
         setup = _image_setup(config, spec)
+    _check_input_fits_model(setup, spec, context)
     if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if setup.dataset is not None:
-            shutil.copyfile(setup.dataset.root / "dataset.json", run_dir / "dataset.json")
-        setup.record.write(run_dir / "preprocessing.json")
+        _write_run_records(folder, setup, resume=resume)
     trainer = Trainer(setup.config, setup.model, setup.task, setup.train_set, setup.val_set, run_dir, context=context,
                       progress=progress, infer=setup.infer, spatial_dims=spec.spatial_dims)  # fmt: skip
     return trainer.fit(resume=resume)

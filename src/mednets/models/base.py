@@ -10,7 +10,8 @@ recompute context below freezes them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from mednets.errors import InvalidInputError
 from mednets.models.kernels import conv1x1, norm_relu_project, supports_fused_tail
 
-__all__ = ["MednetsModel", "check_input", "input_channels", "memory_format_for"]
+__all__ = ["MednetsModel", "check_input", "layer_inputs", "input_channels", "memory_format_for"]
 
 
 @contextlib.contextmanager
@@ -62,6 +63,29 @@ def input_channels(model: nn.Module) -> int:
             return int(module.in_channels)
     raise InvalidInputError("the model has no convolution to read its input channels from",
                             source=type(model).__name__)  # fmt: skip
+
+
+def layer_inputs(
+    model: nn.Module, input_size: Sequence[int], kinds: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
+) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Every call of a layer of `kinds` (convolutions by default) in a forward pass of `[1, C, *input_size]`.
+
+    Traced on a copy on the meta device: no arithmetic, no memory for activations.
+
+    Returns:
+        (module name, module, the spatial size of its input) per call, in call order; a module called
+        at several scales appears once per call.
+    """
+    traced = copy.deepcopy(model).to("meta").eval()
+    calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    for name, module in traced.named_modules():
+        if isinstance(module, kinds):
+            module.register_forward_pre_hook(
+                lambda module, args, name=name: calls.append((name, module, tuple(args[0].shape[2:])))
+            )
+    with torch.no_grad():
+        traced(torch.empty(1, input_channels(model), *input_size, device="meta"))
+    return calls
 
 
 def check_input(x: torch.Tensor, *, channels: int, spatial_dims: int, name: str = "input") -> None:

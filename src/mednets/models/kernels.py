@@ -100,9 +100,12 @@ class BF16SafeConv3d(nn.Conv3d):
     """`nn.Conv3d` for CPU bf16 autocast: sidesteps a bug and a memory spike of the bf16 kernels.
 
     The bug: under CPU bf16 autocast, torch 2.13's Conv3d returns a wrong weight gradient (wildly
-    off, or NaN) when the input has depth 2 and a batch of 2 or more, in either memory format. Such
-    maps occur at the coarse levels of 3D networks and pooled context branches, and one bad step
-    ruins a training run. Those calls run in float32 here.
+    off, or NaN) for some inputs with fewer than `SMALLEST_BF16_SIDE` voxels along an axis, with a
+    batch of 2 or more, in either memory format: depth 2 at stride 1; width 1, or height 1, at
+    stride 2 (`benchmarks/bf16_conv3d_gradients.py`; every input with all sides at least 4 was
+    right). Such maps occur at the coarse levels of 3D networks and in pooled context branches,
+    and one bad step ruins a training run. Every call on such a small map runs in float32 here:
+    it costs little, as the map is small.
 
     The memory: in training with a batch of 2 or more and large maps (at least
     `PER_SAMPLE_WEIGHT_GRAD_ELEMENTS` input elements per sample: SADAAn's 64- and 128-channel
@@ -113,6 +116,7 @@ class BF16SafeConv3d(nn.Conv3d):
     """
 
     PER_SAMPLE_WEIGHT_GRAD_ELEMENTS = 2**24
+    SMALLEST_BF16_SIDE = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cpu_bf16 = (
@@ -120,7 +124,7 @@ class BF16SafeConv3d(nn.Conv3d):
             and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
-        if cpu_bf16 and x.shape[2] == 2 and x.shape[0] > 1:
+        if cpu_bf16 and min(x.shape[2:]) < self.SMALLEST_BF16_SIDE:
             with torch.autocast("cpu", enabled=False):
                 return self._conv_forward(x.float(), self.weight, self.bias)
         if (

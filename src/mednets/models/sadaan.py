@@ -566,7 +566,7 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
     ) -> torch.Tensor:
         """The threshold as a tensor broadcastable to `[B, S]`, validated."""
         value = self.presence_threshold if override is None else override
-        threshold = torch.as_tensor(value, dtype=presence_probs.dtype, device=presence_probs.device)
+        threshold = torch.as_tensor(value, dtype=torch.float32, device="cpu")  # checked here, also for meta tensors
         if threshold.ndim > 1 or threshold.numel() not in (1, self.num_structures):
             raise ConfigError(
                 "presence_threshold must be one value or one per structure",
@@ -576,7 +576,7 @@ class SpatialAttentionMedicalSegmenter(MednetsModel):
             )
         if bool(((threshold < 0) | (threshold > 1)).any()):
             raise ConfigError("presence_threshold must lie in [0, 1]", source="presence_threshold", got=value)
-        return threshold
+        return threshold.to(device=presence_probs.device, dtype=presence_probs.dtype)
 
 
 def resize_grid(model: SpatialAttentionMedicalSegmenter, new_dims: Sequence[int]) -> SpatialAttentionMedicalSegmenter:

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from mednets.atomic import atomic_write_text
+from mednets.devices import resolve_device
 from mednets.errors import ConfigError
 from mednets.models import create_model, get_model_spec
 from mednets.reports.figures import figure_to_base64, plot_data_flow, plot_parameter_breakdown
@@ -445,6 +446,7 @@ def write_model_report(
     """
     if not names:
         raise ConfigError("no model given", source="report", expected="one or more registered model names")
+    device = str(resolve_device(device, source="--device"))
     models = [measure_model(n, input_shape, batch_size=batch_size, device=device, repeats=repeats) for n in names]
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
