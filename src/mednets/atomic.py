@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary file in the target's folder, then rename over the target.
 
 A crash or an error mid-write leaves the previous file (or no file) in place, never a partial one.
+`check_not_inputs` refuses, before anything is written, an output that would replace an input.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["UMASK", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+from mednets.errors import InvalidInputError
+
+__all__ = ["UMASK", "atomic_path", "atomic_write_bytes", "atomic_write_text", "check_not_inputs"]
 
 UMASK = os.umask(0)  # the process's file-creation mask, read once (reading it means setting it)
 os.umask(UMASK)
@@ -48,3 +51,27 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 `text` to `path` atomically; returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_not_inputs(
+    outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None], option: str
+) -> None:
+    """Refuse outputs that are input files, or files inside an input folder, before anything is written.
+
+    Args:
+        outputs: the files a command would write.
+        inputs: the files and folders it reads (None entries are skipped); a folder protects every
+            file under it.
+        option: the option the outputs come from, for the message (e.g. `--out`).
+
+    Raises:
+        InvalidInputError: naming the output and the input it would replace.
+    """
+    protected: dict[Path, Path] = {}
+    for item in (Path(p) for p in inputs if p is not None):
+        files = [f for f in item.rglob("*") if f.is_file()] if item.is_dir() else [item] if item.exists() else []
+        protected.update({f.resolve(): f for f in files})
+    for output in map(Path, outputs):
+        if output.resolve() in protected:
+            raise InvalidInputError("the output would replace an input; choose another output path",
+                                    source=f"{option} {output}", got=f"input {protected[output.resolve()]}")  # fmt: skip

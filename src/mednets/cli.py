@@ -135,18 +135,11 @@ def validate_command(
     ] = False,
 ) -> None:
     """Check a dataset folder: layout, dataset.json, and every voxel of every file (truncation, NaN, labels)."""
-    from mednets.data.dataset import validate_dataset
+    from mednets.data.dataset import load_dataset
 
     if not dataset.is_dir():
         raise ConfigError("not a folder", source=str(dataset), expected="a dataset folder")
-    problems = validate_dataset(dataset, quick=quick, progress=True)
-    errors = Console(stderr=True, soft_wrap=True)
-    for problem in problems:
-        errors.print(f"[bold red]problem:[/] {problem}", highlight=False)
-    if problems:
-        errors.print(f"[bold red]{len(problems)} problem{'s' if len(problems) != 1 else ''}[/] in {dataset}",
-                     highlight=False)  # fmt: skip
-        raise typer.Exit(1)
+    load_dataset(dataset, quick=quick, progress=True)  # a DatasetError lists every problem, each with its file
     console.print(f"{dataset}: valid ({'headers only' if quick else 'every voxel read'})")
 
 
@@ -189,7 +182,9 @@ def train_command(
         Path | None, typer.Option("--data", help="Dataset folder; default: the config's, else phantoms.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<config name>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from <run>/checkpoints/last.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from <run>/checkpoints/last (none yet: start the run).")
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a run already in the run folder (its files go first).")
     ] = False,
@@ -199,12 +194,17 @@ def train_command(
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, TensorBoard events and checkpoints into the run folder."""
     from mednets.config import load_config
+    from mednets.engine.run import RunFolder
     from mednets.engine.training import run_training
 
     experiment = load_config(config, overrides or [])
     run_dir = out or Path("runs") / experiment.name
+    if resume and not RunFolder(run_dir).has_checkpoint():
+        console.print(f"no checkpoint in {run_dir} to resume from: starting the run from the beginning")
     result = run_training(experiment, run_dir, data_dir=data, resume=resume, overwrite=overwrite)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items())) or (
+        "no validation cases (one case, or data.val_fraction=0): the last checkpoint is the model"
+    )
     console.print(f"trained {result['state']['step']} steps into {run_dir}: {metrics}")
 
 
@@ -216,8 +216,12 @@ def evaluate_command(
     nsd_tolerance_mm: Annotated[float, typer.Option("--nsd-tolerance", help="NSD boundary tolerance in mm.")] = 2.0,
 ) -> None:
     """Score predictions: Dice, HD95, NSD on present organs; presence metrics; false-positive mL on absent organs."""
+    from mednets.atomic import check_not_inputs
     from mednets.engine.evaluation import evaluate_folders, format_summary, write_evaluation
 
+    if out is not None:  # the score files must not replace a prediction, its sidecar or a reference file
+        stem = out.with_suffix("") if out.suffix in (".csv", ".json") else out
+        check_not_inputs([stem.with_suffix(".csv"), stem.with_suffix(".json")], [pred, truth], "--out")
     evaluation = evaluate_folders(pred, truth, nsd_tolerance_mm=nsd_tolerance_mm)
     table = Table(title=f"evaluation of {pred}")
     table.add_column("metric")

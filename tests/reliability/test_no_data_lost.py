@@ -64,6 +64,22 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(tmp_path: Path)
     assert result["state"]["step"] == 1
 
 
+def test_resume_without_a_checkpoint_starts_the_run_and_keeps_a_changed_dataset_out(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "histo_denoise.yaml", TINY_DENOISER)
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)  # what a run killed before its first checkpoint leaves
+    (run / "metrics.csv").write_text("step\n")
+    assert run_training(config, run, resume=True, progress=False)["state"]["step"] == 1  # nothing to resume: starts
+    assert run_training(config, tmp_path / "new", resume=True, progress=False)["state"]["step"] == 1  # no folder yet
+    longer = load_config(CONFIGS / "histo_denoise.yaml", [*TINY_DENOISER, "train.max_steps=2"])
+    assert run_training(longer, run, resume=True, progress=False)["state"]["step"] == 2  # a checkpoint: continues
+    stride = load_config(
+        CONFIGS / "histo_denoise.yaml", [*TINY_DENOISER, "train.max_steps=3", "data.patch_size=[48, 48]"]
+    )
+    with pytest.raises(ConfigError, match=r"preprocessing\.json"):  # other preprocessing: not the same run
+        run_training(stride, run, resume=True, progress=False)
+
+
 def test_a_batch_larger_than_the_training_samples_is_an_error_not_an_endless_loop(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "histo_denoise.yaml", [*TINY_DENOISER, "train.batch_size=100000"])
     with pytest.raises(ConfigError, match="no batch can be formed") as caught:

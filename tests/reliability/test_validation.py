@@ -153,7 +153,7 @@ def test_problems_come_in_file_order_whatever_order_the_threads_finish_in(
     assert finished[-1] == broken[0]
 
 
-def test_the_validate_command_lists_each_problem_and_exits_1(dataset: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_validate_command_lists_each_problem_and_exits_2(dataset: Path, capsys: pytest.CaptureFixture) -> None:
     from mednets.cli import main
 
     assert main(["validate", str(dataset)]) == 0
@@ -161,7 +161,7 @@ def test_the_validate_command_lists_each_problem_and_exits_1(dataset: Path, caps
     _truncate(dataset / "imagesTr" / "case_2_0000.nii.gz")
     assert main(["validate", str(dataset), "--quick"]) == 0  # headers only: the truncation is not seen
     capsys.readouterr()
-    assert main(["validate", str(dataset)]) == 1
+    assert main(["validate", str(dataset)]) == 2  # a user error: the dataset must be fixed
     errors = capsys.readouterr().err
-    assert "case_2_0000.nii.gz: cannot read" in errors and "1 problem in" in errors
+    assert "case_2_0000.nii.gz: cannot read" in errors and "1 problem in dataset folder" in errors
     assert main(["validate", str(dataset / "missing")]) == 2

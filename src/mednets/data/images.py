@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mednets.atomic import atomic_path
-from mednets.data.volume import Volume
+from mednets.data.volume import GZIP_MAX_RATIO, Volume, check_voxel_count
 from mednets.errors import InvalidInputError
 
 __all__ = [
@@ -52,8 +52,14 @@ def read_tiff(path: Path, file_format: str) -> Volume:
             series = tif.series[0]
             # SVS and pyramidal TIFFs: level 0 is full resolution; several pages form a stack.
             level = series.levels[0]
+            voxels = check_voxel_count(path, tuple(level.shape))
+            if voxels > path.stat().st_size * GZIP_MAX_RATIO:  # no TIFF codec packs a pixel in under a bit
+                raise InvalidInputError("the header claims more pixels than the file can hold (truncated or corrupt)",
+                                        source=str(path), got=f"{level.shape} in {path.stat().st_size} bytes")  # fmt: skip
             array = level.asarray()
             has_channels = level.axes.endswith("S")  # tifffile's axis code for samples (RGB)
+    except InvalidInputError:
+        raise
     except Exception as error:
         raise InvalidInputError(f"cannot read image: {error}", source=str(path)) from error
     return _image_volume(array, has_channels, path, file_format)

@@ -181,7 +181,7 @@ def read_any(path: str | os.PathLike[str]) -> Volume:
 
 
 def list_image_files(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
-    """Image files among `paths`: files as given, folders expanded to their image files (sorted, not recursive).
+    """Image files among `paths`: files as given, folders expanded to their image files (sorted, not recursive, not hidden).
 
     Raises:
         InvalidInputError: a path does not exist, or a folder holds no image file.
@@ -190,7 +190,7 @@ def list_image_files(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike
     found: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            files = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in _visible_files(item) if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise InvalidInputError(
                     "folder holds no image file", source=str(item), expected=", ".join(IMAGE_SUFFIXES)
@@ -203,15 +203,20 @@ def list_image_files(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike
     return found
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """The files of `folder` that are not hidden: macOS leaves `.DS_Store` and `._<name>` copies beside real files."""
+    return [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+
 def list_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files and DICOM folders to predict: a folder holding volume or image files expands to them (sorted).
+    """Files and DICOM folders to predict: a folder holding volume or image files expands to them (sorted, not hidden).
 
     A folder without such files stays as it is (a DICOM series); a missing path is kept for its reader to report.
     """
     known = VOLUME_SUFFIXES + IMAGE_SUFFIXES
     found: list[Path] = []
     for item in map(Path, paths):
-        files = sorted(p for p in item.iterdir() if p.is_file() and _suffix(p) in known) if item.is_dir() else []
+        files = sorted(p for p in _visible_files(item) if _suffix(p) in known) if item.is_dir() else []
         found.extend(files or [item])
     return found
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mednets import anatomy
+from mednets.atomic import check_not_inputs
 from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
 
 __all__ = ["MAPPINGS", "convert_label_file", "convert_labels", "load_mapping"]
@@ -107,6 +108,7 @@ def convert_label_file(
     from mednets.data.io import read_volume, write_volume
     from mednets.data.volume import Volume
 
+    check_not_inputs([target], [source], "--out")
     volume = read_volume(source)
     converted = convert_labels(volume.array, mapping)
     write_volume(Volume(converted, volume.affine, None, {"source": str(target)}), target)

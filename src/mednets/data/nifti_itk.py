@@ -18,12 +18,15 @@ from typing import IO, Any
 import numpy as np
 
 from mednets.atomic import atomic_path
-from mednets.data.volume import Volume, affine_from_itk, itk_geometry, volume_file_array
+from mednets.data.volume import (
+    GZIP_MAX_RATIO,
+    Volume,
+    affine_from_itk,
+    check_voxel_count,
+    itk_geometry,
+    volume_file_array,
+)
 from mednets.errors import InvalidInputError
-
-# The most voxels a header may claim (2**31: about 8 GiB of float32) unless MEDNETS_MAX_VOXELS says otherwise.
-_DEFAULT_MAX_VOXELS = 2**31
-_GZIP_MAX_RATIO = 1032  # deflate's largest compression ratio
 
 __all__ = [
     "read_itk",
@@ -36,19 +39,6 @@ __all__ = [
 ]
 
 
-def _max_voxels() -> int:
-    return int(os.environ.get("MEDNETS_MAX_VOXELS", _DEFAULT_MAX_VOXELS))
-
-
-def _check_voxel_count(path: Path, shape: tuple[int, ...]) -> int:
-    """Refuse a header claiming more voxels than `_max_voxels`, before anything is allocated; return the count."""
-    voxels = int(np.prod(shape, dtype=np.int64))
-    if voxels > _max_voxels():
-        raise InvalidInputError("the header claims more voxels than mednets reads", source=str(path),
-                                expected=f"at most {_max_voxels()} (MEDNETS_MAX_VOXELS)", got=f"{shape}: {voxels}")  # fmt: skip
-    return voxels
-
-
 def _check_claimed_size(path: Path, image: Any) -> None:
     """Refuse a NIfTI header whose voxels cannot be in the file, or are too many, before any is read.
 
@@ -56,10 +46,10 @@ def _check_claimed_size(path: Path, image: Any) -> None:
     uncompressed file must hold the claimed bytes; gzip cannot shrink data more than about 1032 to 1,
     whatever its members, so a compressed file far smaller than that is corrupt.
     """
-    voxels = _check_voxel_count(path, tuple(int(n) for n in image.shape))
+    voxels = check_voxel_count(path, tuple(int(n) for n in image.shape))
     claimed = voxels * image.get_data_dtype().itemsize + int(getattr(image.dataobj, "offset", 0))
     size = path.stat().st_size
-    possible = size * _GZIP_MAX_RATIO if str(path).lower().endswith(".gz") else size
+    possible = size * GZIP_MAX_RATIO if str(path).lower().endswith(".gz") else size
     if possible < claimed:
         raise InvalidInputError("the header's voxels cannot fit in the file (truncated or corrupt)", source=str(path),
                                 expected=f"{claimed} bytes of voxels", got=f"a file of {size} bytes")  # fmt: skip
@@ -133,10 +123,28 @@ def _open_itk(path: Path) -> tuple[Any, np.ndarray]:
         raise InvalidInputError("voxels must be plain numbers (complex voxels are not images mednets segments)",
                                 source=str(path), expected="an integer or float type",
                                 got=reader.GetPixelIDTypeAsString())  # fmt: skip
-    _check_voxel_count(path, tuple(reversed(reader.GetSize())))
+    voxels = check_voxel_count(path, tuple(reversed(reader.GetSize())))
+    stored = _stored_bytes(path)
+    if stored is not None and voxels > stored * GZIP_MAX_RATIO:  # at least a byte per voxel, however compressed
+        raise InvalidInputError("the header claims more voxels than the file can hold (truncated or corrupt)",
+                                source=str(path), expected=f"at least {voxels // GZIP_MAX_RATIO} bytes of data",
+                                got=f"{stored} bytes")  # fmt: skip
     affine = affine_from_itk(reader)
     _check_affine(path, affine)
     return reader, affine
+
+
+def _stored_bytes(path: Path) -> int | None:
+    """Bytes on disk that can hold `path`'s voxels: the file itself, or a MetaImage's one data file; None when unknown."""
+    with path.open("rb") as stream:
+        head = stream.read(4096).decode("latin-1")
+    detached = [line.partition("=")[2].strip() for line in head.splitlines() if line.startswith("ElementDataFile")]
+    if detached and detached[0] != "LOCAL":
+        data = path.parent / detached[0]
+        return data.stat().st_size if data.is_file() else None  # a list or pattern of slice files: not summed
+    if any(line.lower().startswith(("data file:", "datafile:")) for line in head.splitlines()):
+        return None  # a detached NRRD: its data files are not summed
+    return path.stat().st_size
 
 
 def read_itk_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:

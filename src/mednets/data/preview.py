@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mednets import anatomy
-from mednets.atomic import atomic_write_bytes
+from mednets.atomic import atomic_write_bytes, check_not_inputs
 from mednets.data.io import read_volume
 from mednets.data.volume import Volume
 from mednets.errors import InvalidInputError
@@ -125,6 +125,7 @@ def show(
     window: tuple[float, float] = DEFAULT_WINDOW,
 ) -> Path:
     """Read `path` (and `labels`), render three orthogonal slices with the overlay, write PNG `out` atomically."""
+    check_not_inputs([out], [path, labels], "--out")
     volume = read_volume(path)
     label_volume = read_volume(labels) if labels is not None else None
     data = render_orthogonal(volume, label_volume, window=window, title=Path(path).name)

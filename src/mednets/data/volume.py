@@ -20,6 +20,8 @@ Conventions (every reader and writer converts to and from these):
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,12 @@ import numpy as np
 
 from mednets.errors import InvalidInputError
 
-__all__ = ["RAS_TO_LPS", "Volume", "affine_from_itk", "itk_geometry", "volume_file_array"]
+__all__ = ["GZIP_MAX_RATIO", "RAS_TO_LPS", "Volume", "affine_from_itk", "check_voxel_count", "itk_geometry",
+           "max_voxels", "volume_file_array"]  # fmt: skip
+
+# The most voxels a header may claim (2**31: about 8 GiB of float32) unless MEDNETS_MAX_VOXELS says otherwise.
+DEFAULT_MAX_VOXELS = 2**31
+GZIP_MAX_RATIO = 1032  # deflate's largest compression ratio
 
 # RAS <-> LPS: negate the first two world axes.
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -134,3 +141,19 @@ def volume_file_array(volume: Volume, path: Path) -> np.ndarray:
     elif array.dtype == np.float16:
         array = array.astype(np.float32)
     return array
+
+
+def max_voxels() -> int:
+    """The most voxels mednets reads or makes from one file: MEDNETS_MAX_VOXELS, default 2**31."""
+    return int(os.environ.get("MEDNETS_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+
+
+def check_voxel_count(path: str | os.PathLike[str], shape: tuple[int, ...]) -> int:
+    """Refuse a header claiming more voxels than MEDNETS_MAX_VOXELS (default 2**31), before anything is
+    allocated; returns the count."""
+    voxels = math.prod(shape)  # Python integers: no overflow whatever the header claims
+    limit = max_voxels()
+    if voxels > limit:
+        raise InvalidInputError("the header claims more voxels than mednets reads", source=str(path),
+                                expected=f"at most {limit} (MEDNETS_MAX_VOXELS)", got=f"{shape}: {voxels}")  # fmt: skip
+    return voxels

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -164,8 +166,16 @@ def load_trainer_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Load `trainer_state.pt` with `weights_only=True` (no arbitrary code can run)."""
     path = _checkpoint_file(Path(folder), STATE_FILE)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or unsafe files
+        if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
+            boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+            why = " ".join(line.strip() for line in str(error).splitlines() if line.strip()
+                           and not line.startswith(boilerplate))  # fmt: skip
+            raise CheckpointError(f"unreadable trainer state: the safe loader reads only tensors and plain values ({why})",
+                                  source=str(path)) from error  # fmt: skip
         raise CheckpointError(
             f"unreadable trainer state ({type(error).__name__}: {error})", source=str(path)
         ) from error

@@ -24,7 +24,7 @@ from mednets.data.images import from_unit_range, to_unit_range
 from mednets.data.io import list_image_files, read_image, write_volume
 from mednets.data.volume import Volume
 from mednets.devices import resolve_device
-from mednets.engine.inference import check_outputs
+from mednets.engine.inference import check_output_folder, check_outputs
 from mednets.engine.run import RunFolder
 from mednets.engine.sliding_window import sliding_window
 from mednets.errors import ConfigError, MednetsError, failure_message
@@ -129,6 +129,8 @@ def denoise_paths(
     from tqdm.auto import tqdm
 
     source, target = Path(source), Path(target)
+    if not source.is_file():  # a folder of images goes into a folder
+        check_output_folder(target, "target")
     files = list_image_files(source)
     check_outputs({path: [_output_path(path, target, single=source.is_file())] for path in files})
     written: list[Path] = []

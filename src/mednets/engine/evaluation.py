@@ -53,6 +53,20 @@ def _labels_of(truth_folder: Path) -> dict[str, int]:
     return {name: i for name, i in anatomy.label_names().items() if i != 0}
 
 
+def _sidecar_structures(sidecar: Path) -> dict[str, Any]:
+    """The `structures` of a prediction's JSON sidecar (presence probability and decision per structure)."""
+    try:
+        structures = json.loads(sidecar.read_text(encoding="utf-8"))["structures"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidInputError("not a prediction sidecar", source=str(sidecar),
+                                expected='JSON with "structures" as written by `mednets predict`',
+                                got=f"{type(error).__name__}: {error}") from error  # fmt: skip
+    if not isinstance(structures, dict) or not all(isinstance(v, dict) for v in structures.values()):
+        raise InvalidInputError("not a prediction sidecar", source=str(sidecar),
+                                expected='"structures": {name: {"probability", "present"}}', got=structures)  # fmt: skip
+    return structures
+
+
 def evaluate_folders(
     prediction_folder: str | Path,
     truth_folder: str | Path,
@@ -91,7 +105,7 @@ def evaluate_folders(
                 expected=truth.array.shape, got=predicted.array.shape,
             )  # fmt: skip
         sidecar = predictions[case].with_name(f"{case}.json")
-        structures = json.loads(sidecar.read_text(encoding="utf-8"))["structures"] if sidecar.is_file() else {}
+        structures = _sidecar_structures(sidecar) if sidecar.is_file() else {}
         scores = score_structures(predicted.array, truth.array, labels, truth.spacing,
                                   nsd_tolerance_mm=nsd_tolerance_mm, min_voxels=min_voxels)  # fmt: skip
         for name, score in scores.items():

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mednets.atomic import atomic_write_bytes, atomic_write_text
+from mednets.atomic import atomic_write_bytes, atomic_write_text, check_not_inputs
 from mednets.engine.run import RunFolder
 from mednets.errors import ConfigError, MednetsError, UnknownNameError
 from mednets.models import get_model_spec, list_models
@@ -402,8 +402,9 @@ def export_run(
     if format not in FORMATS:
         raise UnknownNameError("unknown export format", source="format", expected=f"one of {list(FORMATS)}",
                                got=repr(format))  # fmt: skip
-    _import_runtime()  # fail before loading anything
     run = RunFolder(run_dir)
+    check_not_inputs([out_path, sidecar_path(out_path)], run.run_files(), "OUT")
+    _import_runtime()  # fail before loading anything
     folder = run.checkpoint_dir(checkpoint)
     spec = run.spec(checkpoint)
     model = run.load_model(checkpoint)

@@ -20,6 +20,7 @@ judged absent, why they are empty.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,14 +37,14 @@ from mednets.config import InferenceConfig
 from mednets.data.intensity import normalise, padding_value
 from mednets.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, case_name, list_inputs, read_any, write_volume
 from mednets.data.transforms import augmentation_axes
-from mednets.data.volume import Volume
+from mednets.data.volume import Volume, max_voxels
 from mednets.devices import resolve_device
 from mednets.engine.run import PreprocessingRecord, RunFolder
 from mednets.engine.sliding_window import sliding_window
-from mednets.errors import InvalidInputError, MednetsError, failure_message
+from mednets.errors import ConfigError, InvalidInputError, MednetsError, failure_message
 from mednets.host_memory import reuse_freed_memory
 from mednets.models import ModelSpec
-from mednets.tasks import Task, create_task
+from mednets.tasks import Task, create_task, task_type
 from mednets.tasks.decoding import labels_from_logits
 
 __all__ = [
@@ -95,6 +96,9 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
     folder = RunFolder(run_dir)
     config = folder.config(checkpoint)
     spec = folder.spec(checkpoint)
+    if not task_type(spec.task).uses_labels:
+        raise ConfigError("not a segmentation run (denoise with `mednets denoise`)", source=str(run_dir),
+                          got=f"a {spec.task} run")  # fmt: skip
     labels = folder.labels or {}
     return LoadedRun(
         folder=folder,
@@ -121,9 +125,20 @@ class _StageClock:
         self._last = now
 
 
-def _resample(image: torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]) -> torch.Tensor:
-    """Linear resampling of `[C, *S]` from `spacing` to `target_spacing` (same field of view)."""
+def _resample(
+    image: torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float], source: str
+) -> torch.Tensor:
+    """Linear resampling of `[C, *S]` from `spacing` to `target_spacing` (same field of view).
+
+    Raises:
+        InvalidInputError: the resampled image would exceed `max_voxels` (an absurd voxel size in the header).
+    """
     size = [max(1, round(n * s / t)) for n, s, t in zip(image.shape[1:], spacing, target_spacing, strict=True)]
+    if math.prod(size) > max_voxels():
+        raise InvalidInputError(f"at the run's voxel size of {list(target_spacing)} mm this image would have "
+                                f"{math.prod(size)} voxels; is the voxel size in its header right?", source=source,
+                                expected=f"at most {max_voxels()} voxels (MEDNETS_MAX_VOXELS)",
+                                got=f"voxel size {[round(s, 4) for s in spacing]} mm")  # fmt: skip
     if list(image.shape[1:]) == size:
         return image
     mode = "trilinear" if len(size) == 3 else "bilinear"
@@ -189,7 +204,7 @@ def _prepared(run: LoadedRun, volume: Volume) -> tuple[Volume, torch.Tensor]:
     array = oriented.array[None] if oriented.channel_axis is None else np.moveaxis(oriented.array, -1, 0)
     image = torch.as_tensor(normalise(array, *_channel_rule(prep)))
     if prep.spacing_mm is not None:
-        image = _resample(image, oriented.spacing, prep.spacing_mm)
+        image = _resample(image, oriented.spacing, prep.spacing_mm, source)
     return oriented, image
 
 
@@ -319,6 +334,13 @@ def drop_small_structures(
     return dropped
 
 
+def check_output_folder(folder: Path, option: str = "--out") -> None:
+    """Refuse an output folder that is an existing file (an input scan, an earlier result), before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("is a file, not a folder: outputs go into a folder", source=f"{option} {folder}",
+                          expected="a folder (created when missing)")  # fmt: skip
+
+
 def check_outputs(outputs: dict[Path, list[Path]]) -> None:
     """Refuse, before anything is written, outputs that would replace an input or that two inputs share.
 
@@ -382,6 +404,7 @@ def predict_paths(
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
+    check_output_folder(out_dir)
     paths = list_inputs(inputs)
     check_outputs({path: [out_dir / output_name(path), out_dir / f"{case_name(path)}.json"] for path in paths})
     written: list[Path] = []

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mednets.atomic import atomic_write_text
+from mednets.atomic import atomic_write_text, check_not_inputs
 from mednets.engine.run import RunFolder
 from mednets.errors import InvalidInputError, MednetsError
 from mednets.models import get_model_spec
@@ -368,6 +368,8 @@ def write_run_report(
         raise InvalidInputError(
             "run folder not found", source=str(run_dir), expected="a folder made by `mednets train`"
         )
+    out = Path(out) if out is not None else run_dir / REPORT_FILE
+    check_not_inputs([out], [*RunFolder(run_dir).run_files(), predictions, scores, truth], "--out")
     run = load_run_data(run_dir, *(None if p is None else Path(p) for p in (predictions, scores, truth)))
     sections = [
         _what_was_run(run),
@@ -387,4 +389,4 @@ def write_run_report(
         f"{_headline(run)}<nav>{nav}</nav>{''.join(content for _, _, content in sections)}"
     )
     document = page(f"mednets run report: {name}", RUN_CSS, body)
-    return atomic_write_text(Path(out) if out is not None else run_dir / REPORT_FILE, document)
+    return atomic_write_text(out, document)
