@@ -7,6 +7,7 @@ parse `value` as YAML (`--set train.lr=3e-4`, `--set data.phantoms.shape=[96,96,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -203,6 +204,68 @@ _CHOICES = {
 }
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _at_least(low: float, *, finite: bool = False) -> Any:
+    return lambda v: _number(v) and v >= low and (not finite or math.isfinite(v))
+
+
+def _between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Any:
+    return lambda v: _number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+
+def _sides(low: int, count: int | None = None) -> Any:
+    return lambda v: (count is None or len(v) == count) and len(v) > 0 and all(_number(s) and s >= low for s in v)
+
+
+def _window(value: tuple[float, ...]) -> bool:
+    return len(value) == 2 and all(map(_number, value)) and value[1] > value[0]
+
+
+def _spacing(value: tuple[float, ...]) -> bool:
+    return len(value) > 0 and all(_number(s) and 0 < s < math.inf for s in value)
+
+
+def _multipliers(value: dict[str, Any]) -> bool:
+    return all(_number(m) and 0 <= m < math.inf for m in value.values())
+
+
+# Value checks of numeric keys, (section, key) -> (accepts the converted value, what it accepts); None
+# (where the type allows it) keeps its meaning and is not checked.
+_BOUNDS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("model", "init_prior_floor"): (_between(0, 1, low_open=True, high_open=True), "a number in (0, 1)"),
+    ("data.phantoms", "n_train"): (_at_least(1), "an integer >= 1"),
+    ("data.phantoms", "n_test"): (_at_least(0), "an integer >= 0"),
+    ("data.phantoms", "shape"): (_sides(8, 3), "3 sizes of at least 8"),
+    ("data.phantoms", "seed"): (_at_least(0), "an integer >= 0"),
+    ("data", "val_fraction"): (_between(0, 1, high_open=True), "a number in [0, 1)"),
+    ("data", "split_seed"): (_at_least(0), "an integer >= 0"),
+    ("data", "patch_size"): (_sides(1), "one or more sizes of at least 1"),
+    ("data", "hu_window"): (_window, "[low, high] with high > low"),
+    ("data", "spacing_mm"): (_spacing, "one or more positive sizes in mm"),
+    ("data", "organ_removal_prob"): (_between(0, 1), "a probability in [0, 1]"),
+    ("data", "num_workers"): (_at_least(0), "an integer >= 0"),
+    ("data", "min_tissue"): (_between(0, 1), "a share in [0, 1]"),
+    ("data", "stain_augment"): (_at_least(0, finite=True), "a number >= 0"),
+    ("train", "max_steps"): (_at_least(1), "an integer >= 1"),
+    ("train", "max_minutes"): (_at_least(0), "a number of minutes >= 0, or null for no budget"),
+    ("train", "batch_size"): (_at_least(1), "an integer >= 1"),
+    ("train", "accumulation_steps"): (_at_least(1), "an integer >= 1"),
+    ("train", "lr"): (lambda v: _number(v) and 0 < v < math.inf, "a number > 0"),
+    ("train", "lr_multipliers"): (_multipliers, "numbers >= 0"),
+    ("train", "weight_decay"): (_at_least(0, finite=True), "a number >= 0"),
+    ("train", "warmup_steps"): (_at_least(0), "an integer >= 0"),
+    ("train", "grad_clip"): (_at_least(0), "a number >= 0, or null (0 or null: no clipping)"),
+    ("train", "val_every"): (_at_least(1), "an integer >= 1"),
+    ("train", "seed"): (_at_least(0), "an integer >= 0"),
+    ("inference", "overlap"): (_between(0, 1, high_open=True), "a fraction in [0, 1)"),
+    ("inference", "batch_size"): (_at_least(1), "an integer >= 1"),
+    ("inference", "min_volume_fraction"): (_at_least(0, finite=True), "a number >= 0 (0: off)"),
+}
+
+
 def _convert(value: Any, annotation: Any, path: str) -> Any:
     """Convert YAML `value` to the type `annotation`, raising ConfigError naming `path`."""
     origin = typing.get_origin(annotation)
@@ -259,6 +322,10 @@ def config_from_dict(data: dict[str, Any], cls: type = ExperimentConfig, path: s
         choices = _CHOICES.get((path, key))
         if choices and values[key] not in choices:
             raise ConfigError("invalid value", source=key_path, expected=f"one of {list(choices)}", got=values[key])
+        bounds = _BOUNDS.get((path, key))
+        if bounds and values[key] is not None and not bounds[0](values[key]):
+            got = list(values[key]) if isinstance(values[key], tuple) else values[key]
+            raise ConfigError("value out of range", source=key_path, expected=bounds[1], got=got)
     return cls(**values)
 
 
@@ -291,6 +358,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, in one line (its message quotes the line with a caret below)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment config from YAML (or the defaults when `path` is None) and apply overrides.
 
@@ -306,7 +380,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except FileNotFoundError as error:
             raise ConfigError("config file not found", source=source) from error
         except yaml.YAMLError as error:
-            raise ConfigError(f"invalid YAML: {error}", source=source) from error
+            raise ConfigError(f"invalid YAML: {_yaml_problem(error)}", source=source) from error
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("must be a YAML mapping", source=source, got=type(loaded).__name__)
         data = loaded or {}

@@ -204,6 +204,7 @@ class PresenceAwareCropd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys)
         self.label_key = label_key
         self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.pad = SpatialPad(self.spatial_size)  # cases smaller than the patch are padded to it
         self.prior = {int(k): tuple(v) for k, v in prior.items()}
         self.presence_key = presence_key
         self.absent_prob = float(absent_prob)
@@ -236,8 +237,9 @@ class PresenceAwareCropd(Randomizable, MapTransform):
         for _ in range(self.num_samples):
             if absent and self.R.random() < self.absent_prob:
                 outputs.append(self._crop_at(record, int(self.R.choice(absent))))
-            else:
-                outputs.append(self.by_class(record)[0])
+            else:  # a case smaller than the patch gives a smaller crop: padded like the prior-centred crops
+                sample = self.by_class(record)[0]
+                outputs.append({**sample, **{key: self.pad(sample[key]) for key in self.key_iterator(sample)}})
         return outputs
 
     def _crop_at(self, record: dict[Hashable, Any], label_id: int) -> dict[Hashable, Any]:
@@ -250,9 +252,8 @@ class PresenceAwareCropd(Randomizable, MapTransform):
         start = np.clip(np.round(centre - size / 2).astype(int), 0, np.maximum(np.asarray(spatial) - size, 0))
         slices = tuple(slice(int(s), int(s + n)) for s, n in zip(start, size, strict=True))
         out = dict(record)
-        pad = SpatialPad(self.spatial_size)
         for key in self.key_iterator(out):
-            out[key] = pad(out[key][(slice(None), *slices)])
+            out[key] = self.pad(out[key][(slice(None), *slices)])
         out["patch_centre_label"] = label_id
         return out
 

@@ -187,4 +187,4 @@ def load_checkpoint_config(folder: str | os.PathLike[str]) -> ExperimentConfig:
     try:
         return load_config(path)
     except MednetsError as error:
-        raise CheckpointError(f"invalid config ({error})", source=str(path)) from error
+        raise CheckpointError(f"invalid config ({str(error).removeprefix(f'{path}: ')})", source=str(path)) from error
