@@ -8,7 +8,7 @@ __all__ = ["MULTI_VALUE_OPTIONS", "join_multi_value_options", "parse_numbers"]
 
 # Options that take several numbers (`--input-size 3 256 256`). Click options have a fixed arity,
 # so `main` joins the numbers after such an option into one comma-separated value.
-MULTI_VALUE_OPTIONS = {"--input-size": 4, "--shape": 3, "--spacing": 3, "--window": 2}  # option: most values
+MULTI_VALUE_OPTIONS = {"--input-size": 4, "--shape": 3, "--spacing": 3, "--window": 2}  # option: most words joined
 
 
 def join_multi_value_options(argv: list[str]) -> list[str]:
@@ -22,9 +22,10 @@ def join_multi_value_options(argv: list[str]) -> list[str]:
         if token in MULTI_VALUE_OPTIONS:
             # Numbers are joined; if the first value is not one, the option's words are (so that
             # `--shape a b c` is one value that `parse_numbers` refuses, naming the option).
-            takes = _is_number if index < len(argv) and _is_number(argv[index]) else _is_word
+            numbers = index < len(argv) and _is_number(argv[index])
+            takes, most = (_is_number, len(argv)) if numbers else (_is_word, MULTI_VALUE_OPTIONS[token])
             values = []
-            while index < len(argv) and len(values) < MULTI_VALUE_OPTIONS[token] and takes(argv[index]):
+            while index < len(argv) and len(values) < most and takes(argv[index]):
                 values.append(argv[index])
                 index += 1
             if values:
