@@ -72,3 +72,45 @@ def test_file_system_errors_are_user_errors(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "no_such_config.yaml"
     assert main(["train", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this runs `touch marker`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_refused_without_running(tmp_path: Path) -> None:
+    import torch
+
+    from mednets.errors import CheckpointError
+
+    _save(tmp_path / "last", 1)
+    torch.save({"state": _Payload(tmp_path / "ran")}, tmp_path / "last" / "trainer_state.pt")
+    with pytest.raises(
+        CheckpointError, match=r"trainer_state\.pt: unreadable trainer state: the safe loader"
+    ) as caught:
+        load_trainer_state(tmp_path / "last")
+    assert "\n" not in str(caught.value) and not (tmp_path / "ran").exists()
+
+
+def test_a_yaml_python_tag_is_refused_without_running(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'name: !!python/object/apply:os.system ["touch {tmp_path / "ran"}"]\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "invalid YAML: could not determine a constructor" in error and "\n" not in error
+    assert not (tmp_path / "ran").exists()
+
+
+def test_predict_refuses_an_output_folder_that_is_a_file(tmp_path: Path) -> None:
+    from mednets.engine.inference import check_output_folder
+    from mednets.errors import ConfigError
+
+    (tmp_path / "result.nii.gz").write_bytes(b"an earlier result")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_output_folder(tmp_path / "result.nii.gz")

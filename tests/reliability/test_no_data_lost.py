@@ -10,7 +10,7 @@ from PIL import Image
 
 from mednets.config import load_config
 from mednets.engine.denoise import denoise_paths
-from mednets.engine.inference import predict_paths
+from mednets.engine.inference import load_run, predict_paths
 from mednets.engine.training import run_training
 from mednets.errors import ConfigError, InvalidInputError
 
@@ -62,6 +62,8 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(tmp_path: Path)
     assert (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").read_bytes() == weights  # untouched
     result = run_training(config, tmp_path / "run", overwrite=True, progress=False)
     assert result["state"]["step"] == 1
+    with pytest.raises(ConfigError, match="not a segmentation run"):  # predict refuses it before reading any input
+        load_run(tmp_path / "run")
 
 
 def test_resume_without_a_checkpoint_starts_the_run_and_keeps_a_changed_dataset_out(tmp_path: Path) -> None:
@@ -93,7 +95,12 @@ def test_a_run_name_must_be_one_path_component(name: str) -> None:
         load_config(None, [f"name={name!r}" if name else "name=''"])
 
 
-def test_a_full_disk_loses_one_case_whole_and_the_others_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("errno", "reason"), [(28, "No space left on device"), (13, "Permission denied"), (30, "Read-only file system")]
+)
+def test_a_full_disk_or_read_only_output_loses_one_case_whole_and_the_others_go_on(
+    errno: int, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from types import SimpleNamespace
 
     from mednets.data.volume import Volume
@@ -107,7 +114,7 @@ def test_a_full_disk_loses_one_case_whole_and_the_others_go_on(tmp_path: Path, m
 
     def disk_full_for_case1(path: Path, text: str) -> Path:
         if Path(path).name == "case1.json":
-            raise OSError(28, "No space left on device", str(path))
+            raise OSError(errno, reason, str(path))
         return write_text(path, text)
 
     monkeypatch.setattr(inference, "atomic_write_text", disk_full_for_case1)
@@ -116,7 +123,7 @@ def test_a_full_disk_loses_one_case_whole_and_the_others_go_on(tmp_path: Path, m
     )
     result = predict_paths(run, scans, tmp_path / "out", progress=False)  # type: ignore[arg-type]
     assert [p.name for p in result["written"]] == ["case0.nii.gz", "case2.nii.gz"]
-    assert len(result["failed"]) == 1 and "No space left on device" in result["failed"][0][1]
+    assert len(result["failed"]) == 1 and result["failed"][0][1].startswith(f"{scans[1]}: {reason}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "case0.json",
         "case0.nii.gz",
