@@ -54,3 +54,12 @@ def test_input_size_that_does_not_fit_the_model_is_rejected(capsys: pytest.Captu
 def test_multi_value_options_are_joined() -> None:
     argv = ["report", "unet", "--input-size", "3", "64", "64", "--out", "x"]
     assert join_multi_value_options(argv) == ["report", "unet", "--input-size", "3,64,64", "--out", "x"]
+
+
+def test_version_and_short_help(capsys) -> None:
+    from mednets import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mednets {__version__}"
+    assert main(["-h"]) == 0 and "Usage: mednets" in capsys.readouterr().out
+    assert main(["predict", "-h"]) == 0 and "--input" in capsys.readouterr().out

@@ -21,6 +21,7 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="mednets",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Medical image segmentation, absent-anatomy detection and denoising.",
     no_args_is_help=True,
     add_completion=False,
@@ -31,8 +32,21 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mednets import __version__
+
+        console.print(f"mednets {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Medical image segmentation, absent-anatomy detection and denoising."""
     _state["debug"] = debug
 
@@ -76,7 +90,9 @@ def report_command(
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.html and figures.")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measured passes.")] = 1,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per measurement (median).")] = 3,
 ) -> None:
     """Write the measured model report (layer table, parameters, FLOPs, peak memory, data-flow map)."""
@@ -263,7 +279,9 @@ def predict_command(
     ] = None,
     gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Sliding windows per forward pass.")
     ] = None,
@@ -314,7 +332,9 @@ def denoise_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
     keep_mean_colour: Annotated[
         bool,
         typer.Option(
