@@ -72,6 +72,7 @@ def check_not_inputs(
         files = [f for f in item.rglob("*") if f.is_file()] if item.is_dir() else [item] if item.exists() else []
         protected.update({f.resolve(): f for f in files})
     for output in map(Path, outputs):
-        if output.resolve() in protected:
-            raise InvalidInputError("the output would replace an input; choose another output path",
-                                    source=f"{option} {output}", got=f"input {protected[output.resolve()]}")  # fmt: skip
+        replaced = protected.get(output.resolve())
+        if replaced is not None:
+            raise InvalidInputError("an output would replace an input; choose another output path",
+                                    source=f"{option} {output}", got=f"input {replaced}")  # fmt: skip

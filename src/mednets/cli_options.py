@@ -12,7 +12,8 @@ MULTI_VALUE_OPTIONS = {"--input-size": 4, "--shape": 3, "--spacing": 3, "--windo
 
 
 def join_multi_value_options(argv: list[str]) -> list[str]:
-    """Rewrite `--input-size 3 256 256` as `--input-size 3,256,256` (numbers only are joined)."""
+    """Rewrite `--input-size 3 256 256` as `--input-size 3,256,256`: the numbers after such an option,
+    or, when the first value is not a number, up to the option's count of words."""
     joined: list[str] = []
     index = 0
     while index < len(argv):

@@ -21,7 +21,7 @@ def _scan(path: Path) -> Path:
 
 def test_an_output_that_is_an_input_file_or_inside_an_input_folder_is_refused(tmp_path: Path) -> None:
     scan = _scan(tmp_path / "in" / "scan.nii.gz")
-    with pytest.raises(InvalidInputError, match=r"--out .*scan\.nii\.gz: the output would replace an input"):
+    with pytest.raises(InvalidInputError, match=r"--out .*scan\.nii\.gz: an output would replace an input"):
         check_not_inputs([scan], [scan], "--out")
     with pytest.raises(InvalidInputError, match="would replace an input"):
         check_not_inputs([tmp_path / "in" / "scan.nii.gz"], [tmp_path / "in", None], "--out")

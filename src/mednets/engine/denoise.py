@@ -132,7 +132,7 @@ def denoise_paths(
     if not source.is_file():  # a folder of images goes into a folder
         check_output_folder(target, "target")
     files = list_image_files(source)
-    check_outputs({path: [_output_path(path, target, single=source.is_file())] for path in files})
+    check_outputs({path: [_output_path(path, target, single=source.is_file())] for path in files}, "target")
     written: list[Path] = []
     failed: list[tuple[str, str]] = []
     for path in tqdm(files, desc="denoising", unit="image", disable=not progress):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mednets.atomic import atomic_write_text
+from mednets.atomic import atomic_write_text, check_not_inputs
 from mednets.config import InferenceConfig
 from mednets.data.intensity import normalise, padding_value
 from mednets.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, case_name, list_inputs, read_any, write_volume
@@ -341,23 +341,22 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
                           expected="a folder (created when missing)")  # fmt: skip
 
 
-def check_outputs(outputs: dict[Path, list[Path]]) -> None:
-    """Refuse, before anything is written, outputs that would replace an input or that two inputs share.
+def check_outputs(outputs: dict[Path, list[Path]], option: str = "--out") -> None:
+    """Refuse, before anything is written, outputs that would replace an input (`check_not_inputs`) or
+    that two inputs share.
 
     Args:
         outputs: {input path: the files it would write}.
+        option: where the outputs' folder comes from, for the message.
 
     Raises:
-        InvalidInputError: naming the input and the output (or the two inputs) that collide.
+        InvalidInputError: naming the output and the input (or the two inputs) that collide.
     """
-    inputs = {path.resolve(): path for path in outputs}
+    check_not_inputs([target for targets in outputs.values() for target in targets], outputs, option)
     owners: dict[Path, Path] = {}
     for source, targets in outputs.items():
         for target in targets:
             resolved = target.resolve()
-            if resolved in inputs:
-                raise InvalidInputError("an output would replace an input; choose another output folder",
-                                        source=str(inputs[resolved]), got=f"output {target}")  # fmt: skip
             if resolved in owners and owners[resolved] != source:
                 raise InvalidInputError("two inputs would write the same output; predict them into separate folders",
                                         source=f"{owners[resolved]} and {source}", got=f"output {target}")  # fmt: skip

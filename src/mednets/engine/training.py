@@ -135,9 +135,9 @@ def _check_input_fits_model(setup: _Setup, spec: ModelSpec, context: Distributed
 
     Traced on the meta device (no arithmetic). Two faults are caught: a layer that refuses the map it
     gets (an instance normalisation over a single voxel), and, in CPU bf16 3D training, a plain
-    `nn.Conv3d` that would see a map with a side under 4 voxels: torch's CPU bf16 kernels compute wrong weight gradients for
-    those (`BF16SafeConv3d`, which mednets' own models use, runs them in float32), so a model from
-    elsewhere gets a clear error instead of a run that diverges.
+    `nn.Conv3d` that would see a map with a side under 4 voxels. torch's CPU bf16 kernels compute
+    wrong weight gradients for those (`BF16SafeConv3d`, which mednets' own models use, runs them in
+    float32), so a model from elsewhere gets a clear error instead of a run that diverges.
     """
     window = setup.record.window
     if not window:
@@ -206,9 +206,9 @@ def run_training(
     """Train the configured model into `run_dir`; returns the final state and validation metrics.
 
     A folder that already holds a run is continued with `resume` (one stopped before its first
-    checkpoint, or an empty folder, starts afresh, as nnU-Net's `--c` does), or replaced with `overwrite` (its run files go first; generated phantoms
-    stay); otherwise it is refused, so no run is ever silently replaced. A resumed run must find its
-    data and preprocessing unchanged.
+    checkpoint, or an empty folder, starts afresh, as nnU-Net's `--c` does), or replaced with
+    `overwrite` (its run files go first; generated phantoms stay); otherwise it is refused, so no run
+    is ever silently replaced. A resumed run must find its data and preprocessing unchanged.
 
     Raises:
         ConfigError: `run_dir` holds a run and neither `resume` nor `overwrite` is set; a patch-wise
