@@ -28,7 +28,20 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "models" in commands and "report" in commands
     for command in commands:
         assert main([command, "--help"]) == 0, command
-        assert "Usage" in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "Usage" in text
+        # value names as click writes them (PATH, INT, CONFIG), never Python types or braces
+        assert not re.search(r"<(path|bool|int|float|str|text|list\[)", text, flags=re.I), (command, text)
+        assert "{" not in text.split("Usage:")[1].splitlines()[0], command
+
+
+def test_help_shows_the_value_names_and_brackets_of_the_options(capsys) -> None:
+    assert main(["predict", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"--run\s+PATH", text) and re.search(r"--roi-subset\s+NAME\.\.\.", text)
+    assert re.search(r"--split-masks\s+Also write", text)  # a flag takes no value
+    assert main(["report", "--help"]) == 0
+    assert "C [D] H W" in capsys.readouterr().out  # brackets kept, not read as markup
 
 
 def test_user_error_is_one_line_with_exit_code_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mednets.engine.api import load_run, predict
     from mednets.errors import MednetsError
     from mednets.models import create_model, get_model_spec, list_models
 
-__all__ = ["MednetsError", "create_model", "get_model_spec", "list_models", "__version__"]
+__all__ = ["MednetsError", "create_model", "get_model_spec", "list_models", "load_run", "predict", "__version__"]
 __version__ = "0.1.0"
 
 _PUBLIC = {
@@ -21,6 +22,8 @@ _PUBLIC = {
     "create_model": "mednets.models",
     "get_model_spec": "mednets.models",
     "list_models": "mednets.models",
+    "load_run": "mednets.engine.api",
+    "predict": "mednets.engine.api",
 }
 
 

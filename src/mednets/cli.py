@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mednets.cli_options import join_multi_value_options, parse_numbers
+from mednets.cli_inference import denoise_command, predict_command
+from mednets.cli_options import join_multi_value_options, parse_numbers, readable_metavars
 from mednets.errors import ConfigError, MednetsError
 
 __all__ = ["app", "main"]
@@ -250,111 +251,8 @@ def evaluate_command(
             console.print(f"wrote {path}")
 
 
-def _report_batch(result: dict[str, list]) -> None:
-    """Print what a batch wrote and each failed input (its message names the file); exit 1 after any failure."""
-    for path in result["written"]:
-        console.print(f"wrote {path}")
-    errors = Console(stderr=True, soft_wrap=True)
-    for _path, message in result["failed"]:
-        errors.print(f"[bold red]failed:[/] {message}", highlight=False)
-    if result["failed"]:
-        total = len(result["written"]) + len(result["failed"])
-        errors.print(f"[bold red]{len(result['failed'])} of {total} inputs failed[/]; the others were written",
-                     highlight=False)  # fmt: skip
-        raise typer.Exit(1)
-
-
-@app.command("predict")
-def predict_command(
-    run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train`.")],
-    inputs: Annotated[
-        list[Path], typer.Option("--input", help="Image or scan file, folder of them, or DICOM folder (repeatable).")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for <case> label maps and <case>.json.")],
-    tta: Annotated[
-        bool | None, typer.Option("--tta/--no-tta", help="Average flips along the axes training augmented (slower).")
-    ] = None,
-    overlap: Annotated[
-        float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap, a fraction.")
-    ] = None,
-    gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = None,
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Sliding windows per forward pass.")
-    ] = None,
-    accumulate_device: Annotated[
-        str | None, typer.Option("--accumulate-device", help="Device holding the blended full-size scores (cpu, cuda).")
-    ] = None,
-    accumulate_dtype: Annotated[
-        str | None,
-        typer.Option("--accumulate-dtype", help="float32 or bfloat16 (half the memory) for the blended scores."),
-    ] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = None,
-    min_volume_fraction: Annotated[
-        float | None,
-        typer.Option(
-            "--min-volume-fraction",
-            min=0.0,
-            help="Empty a structure painted with less than this fraction of its smallest volume in training (0: off).",
-        ),
-    ] = None,
-) -> None:
-    """Segment images and scans (NIfTI, NRRD, MHA, DICOM, PNG, TIFF): label maps with the input's geometry plus JSON sidecars.
-
-    Options left out take the run's `inference` settings (its config.yaml).
-    """
-    from mednets.engine.inference import load_run, predict_paths
-
-    if precision not in (None, "bf16", "fp32"):
-        raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
-    if accumulate_dtype not in (None, "float32", "bfloat16"):
-        raise ConfigError("invalid value", source="--accumulate-dtype", expected="float32 or bfloat16",
-                          got=accumulate_dtype)  # fmt: skip
-    loaded = load_run(run, checkpoint=checkpoint, device=device)
-    result = predict_paths(loaded, inputs, out, tta=tta, overlap=overlap, gating=gating, precision=precision,
-                           batch_size=batch_size, accumulate_device=accumulate_device,
-                           accumulate_dtype=accumulate_dtype, min_volume_fraction=min_volume_fraction)  # fmt: skip
-    _report_batch(result)
-
-
-@app.command("denoise")
-def denoise_command(
-    source: Annotated[Path, typer.Argument(help="Image file (PNG, JPEG, TIFF, SVS level 0) or folder of images.")],
-    target: Annotated[Path, typer.Argument(help="Output file (for one input file) or folder.")],
-    run: Annotated[Path, typer.Option("--run", help="Denoising run folder made by `mednets train`.")],
-    patch_size: Annotated[int, typer.Option("--patch-size", min=16, help="Window side in pixels.")] = 256,
-    overlap: Annotated[
-        float, typer.Option("--overlap", min=0.0, max=0.95, help="Fraction of a window shared with its neighbour.")
-    ] = 0.25,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
-    precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
-    keep_mean_colour: Annotated[
-        bool,
-        typer.Option(
-            "--keep-mean-colour/--free-mean-colour",
-            help="Give each tile's output the noisy tile's mean colour: removes a colour cast learned from "
-            "other stains (mean-preserving noise such as gaussian, Poisson and blur).",
-        ),
-    ] = False,
-) -> None:
-    """Denoise images of any size with overlapping, seamlessly blended windows; same format and bit depth out."""
-    from mednets.engine.denoise import denoise_paths, load_denoiser
-    from mednets.engine.run import RunFolder
-
-    if precision not in ("bf16", "fp32"):
-        raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
-    model = load_denoiser(run, checkpoint=checkpoint, device=device)
-    multiple = RunFolder(run).spec(checkpoint).size_multiple
-    result = denoise_paths(model, source, target, patch_size=patch_size, overlap=overlap, batch_size=batch_size,
-                           size_multiple=multiple, precision=precision, keep_mean_colour=keep_mean_colour)  # fmt: skip
-    _report_batch(result)
+app.command("predict")(predict_command)
+app.command("denoise")(denoise_command)
 
 
 @app.command("dataset-from-image")
@@ -462,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     console = Console(stderr=True, soft_wrap=True)
     try:
-        app(args=args, prog_name="mednets")  # standalone mode: always ends in SystemExit
+        command = typer.main.get_command(app)
+        readable_metavars(command)
+        command(args=args, prog_name="mednets")  # standalone mode: always ends in SystemExit
     except MednetsError as error:
         if debug:
             raise

@@ -22,8 +22,8 @@ from typing import Any
 from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, load_config
 from mednets.data.convert import ensure_phantom_datasets
+from mednets.engine.api import load_run, predict_paths
 from mednets.engine.evaluation import evaluate_folders, format_summary, write_evaluation
-from mednets.engine.inference import load_run, predict_paths
 from mednets.engine.training import run_training
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.reports.measure import machine_description

@@ -6,47 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from mednets import anatomy
 from mednets.cli import main
-from mednets.config import load_config
 from mednets.data.io import read_volume
-from mednets.engine.inference import drop_small_structures, load_run, predict_paths
-from mednets.engine.training import run_training
-
-TINY = {
-    "sadaan_fast": ["model.overrides={grid_size: [16, 16, 16], base_channels: 4, feature_channels: 8}"],
-    "dynunet": ["model.overrides={filters: [4, 8, 16, 32, 64]}", "data.patch_size=[32, 32, 32]"],
-}
-
-
-_RUNS: dict[str, Path] = {}
-
-
-def _tiny_run(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run of `name` trained for 2 steps on 4 small phantoms (trained once per test session)."""
-    if name not in _RUNS:
-        run_dir = tmp_path_factory.mktemp(name)
-        config = load_config(None, [
-            f"model.name={name}", *TINY[name],
-            "data.phantoms={n_train: 4, n_test: 2, shape: [32, 32, 32]}", "data.val_fraction=0.25",
-            "train.max_steps=2", "train.val_every=2", "train.batch_size=2",
-        ])  # fmt: skip
-        run_training(config, run_dir, progress=False)
-        _RUNS[name] = run_dir
-    return _RUNS[name]
-
-
-@pytest.fixture(scope="module", params=sorted(TINY))
-def tiny_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_run(request.param, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_sadaan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_run("sadaan_fast", tmp_path_factory)
+from mednets.engine.api import load_run, predict_paths
+from mednets.engine.inference import drop_small_structures
 
 
 def test_prediction_on_real_nifti_and_dicom_keeps_their_geometry(
@@ -88,7 +54,7 @@ def test_unreadable_input_is_reported_and_the_rest_continue(tiny_run: Path, tmp_
     out = tmp_path / "out"
     code = main(["predict", "--run", str(tiny_run), "--input", str(broken), "--input", str(phantom), "--out", str(out)])
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["phantom_000.json", "phantom_000.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_000.ctbl", "phantom_000.json", "phantom_000.nii.gz"]
 
 
 def test_gating_empties_structures_judged_absent(tiny_sadaan_run: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from mednets.config import load_config
 from mednets.data.convert import write_image_dataset
 from mednets.data.io import case_name, read_any
 from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
-from mednets.engine.inference import load_run, output_name, predict_paths
+from mednets.engine.api import load_run, predict_paths
 from mednets.engine.training import run_training
 from mednets.models.registry import register_model, unregister_model
 
@@ -76,7 +76,7 @@ def test_a_model_registered_outside_the_package_trains_predicts_and_exports(
     written = predict_paths(run, [data / "imagesTr"], tmp_path / "pred", progress=False)
     assert written["failed"] == [] and len(written["written"]) == 3
     source_path = sorted((data / "imagesTr").iterdir())[0]
-    source, labels = read_any(source_path), read_any(tmp_path / "pred" / output_name(source_path))
+    source, labels = read_any(source_path), read_any(written["written"][0])
     assert labels.array.shape == source.array.shape and np.allclose(labels.affine, source.affine)
     sidecar = json.loads((tmp_path / "pred" / f"{case_name(source_path)}.json").read_text())
     assert set(sidecar["structures"]) == set(run.structures)

@@ -20,7 +20,7 @@ import numpy as np
 from mednets.data.volume import RAS_TO_LPS, Volume, affine_from_itk, itk_geometry, volume_file_array
 from mednets.errors import InvalidInputError
 
-__all__ = ["read_dicom_series", "write_dicom_series"]
+__all__ = ["find_dicom_series", "read_dicom_series", "software_version", "write_dicom_series"]
 
 # DICOM series written by `write_dicom_series`: one file per slice with this name, and this
 # SoftwareVersions (0018,1020) prefix. Both must match before an existing folder is replaced, so a
@@ -81,9 +81,33 @@ def read_dicom_series(folder: str | os.PathLike[str], *, series_uid: str | None 
         "format": "dicom",
         "series_uid": series_uid,
         "files": len(files),
+        "slice_files": files,  # the source slices: DICOM-SEG and derived series reference them
         "reader": reader_name,
     }
     return Volume(array, affine, None, meta)
+
+
+def find_dicom_series(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """Every DICOM series in `root` and its subfolders, as (folder, SeriesInstanceUID), sorted by folder then UID.
+
+    Hidden folders are skipped; a folder whose files are not DICOM contributes nothing.
+    """
+    import SimpleITK as sitk
+
+    found = []
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" for every folder of other files
+    try:
+        for folder, subfolders, _files in os.walk(root):
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+            try:
+                uids = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
+            except Exception:  # an unreadable folder holds no series we can read
+                uids = []
+            found.extend((Path(folder), uid) for uid in uids)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    return sorted(found, key=lambda item: (str(item[0]), item[1]))
 
 
 def _slice_geometry(files: list[str], folder: Path) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
@@ -151,7 +175,7 @@ def _read_dicom_pydicom(files: list[str], folder: Path) -> tuple[np.ndarray, np.
     return array, RAS_TO_LPS @ lps
 
 
-def write_dicom_series(volume: Volume, folder: str | os.PathLike[str]) -> Path:
+def write_dicom_series(volume: Volume, folder: str | os.PathLike[str], *, derived_from: Volume | None = None) -> Path:
     """Write a 3D volume as a DICOM CT series folder: one file per slice, ``slice_00000.dcm`` upwards.
 
     SimpleITK (GDCM) writes each slice with ``KeepOriginalImageUIDOn`` and the tags a reader needs:
@@ -181,9 +205,14 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike[str]) -> Path:
     (every entry a ``slice_N.dcm`` file whose SoftwareVersions starts with ``mednets``); it is moved
     aside, the new folder renamed in, and only then deleted, so an error leaves it in place.
 
+    A series derived from a DICOM series (`derived_from`, read by `read_dicom_series`) joins that
+    study: it keeps the patient, the Study Instance UID and the Frame of Reference UID, so a PACS
+    files it beside its source; otherwise it is a new study.
+
     Args:
         volume: a 3D single-channel volume, `array` ``[D, H, W]`` with finite values.
         folder: the series folder to create or replace.
+        derived_from: the DICOM volume this one was computed from (a prediction, a resampled copy).
 
     Returns:
         The folder.
@@ -213,7 +242,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike[str]) -> Path:
         "0008|0021": now.strftime("%Y%m%d"),  # SeriesDate
         "0008|0031": now.strftime("%H%M%S"),  # SeriesTime
         "0008|103e": "written by mednets",  # SeriesDescription
-        "0018|1020": f"{_DICOM_SOFTWARE} {_software_version()}",  # SoftwareVersions: marks folders we may replace
+        "0018|1020": f"{_DICOM_SOFTWARE} {software_version()}",  # SoftwareVersions: marks folders we may replace
         "0020|000d": generate_uid(),  # StudyInstanceUID
         "0020|000e": generate_uid(),  # SeriesInstanceUID
         "0020|0052": generate_uid(),  # FrameOfReferenceUID
@@ -230,6 +259,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike[str]) -> Path:
         "0028|0102": "15",
         "0028|0103": "1",
     }
+    shared.update(_study_of(derived_from))
     identity = slope == 1.0 and intercept == 0.0
     width = max(5, len(str(stored.shape[0] - 1)))
     writer = sitk.ImageFileWriter()
@@ -258,6 +288,25 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike[str]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+# Patient and study attributes a derived series copies from its source (tag -> keyword).
+_STUDY_TAGS = {
+    "0010|0010": "PatientName", "0010|0020": "PatientID", "0010|0030": "PatientBirthDate", "0010|0040": "PatientSex",
+    "0020|000d": "StudyInstanceUID", "0008|0020": "StudyDate", "0008|0030": "StudyTime", "0020|0010": "StudyID",
+    "0008|0050": "AccessionNumber", "0008|1030": "StudyDescription", "0020|0052": "FrameOfReferenceUID",
+}  # fmt: skip
+
+
+def _study_of(source: Volume | None) -> dict[str, str]:
+    """The patient, study and frame-of-reference tags of `source`'s first slice (nothing for a non-DICOM source)."""
+    files = (source.meta.get("slice_files") or []) if source is not None else []
+    if not files:
+        return {}
+    import pydicom
+
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return {tag: str(header.get(keyword)) for tag, keyword in _STUDY_TAGS.items() if header.get(keyword) is not None}
 
 
 def _ds(*values: float) -> str:
@@ -360,7 +409,7 @@ def _move_into_place(staging: Path, folder: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _software_version() -> str:
+def software_version() -> str:
     """This package's version from its installed metadata: importing `mednets` itself would load every model."""
     try:
         return importlib.metadata.version("mednets")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mednets.data.dicom import read_dicom_series, write_dicom_series
+from mednets.data.dicom import find_dicom_series, read_dicom_series, write_dicom_series
 from mednets.data.images import first_level, read_pillow, read_tiff, write_pillow, write_tiff
 from mednets.data.nifti_itk import (
     read_itk,
@@ -38,12 +39,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DICOM_SUFFIX",
     "IMAGE_SUFFIXES",
+    "InputCase",
     "ITK_SUFFIXES",
     "NIFTI_SUFFIXES",
     "PILLOW_SUFFIXES",
     "TIFF_SUFFIXES",
     "VOLUME_SUFFIXES",
     "case_name",
+    "list_cases",
     "list_image_files",
     "list_inputs",
     "read_any",
@@ -259,3 +262,48 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
             expected=", ".join((*VOLUME_SUFFIXES, ".png", ".jpg", ".tif", ".tiff")) + " or a DICOM folder (no suffix)",
         )
     return path
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One image to predict: a file, or a DICOM series (its folder and SeriesInstanceUID), and its output name."""
+
+    path: Path
+    name: str
+    series_uid: str | None = None
+
+    def read(self) -> Volume:
+        """The image (`read_any`; for a DICOM series, that series of its folder)."""
+        return read_volume(self.path, series_uid=self.series_uid) if self.series_uid else read_any(self.path)
+
+
+def list_cases(paths: Sequence[str | os.PathLike[str]], *, series_uid: str | None = None) -> list[InputCase]:
+    """The cases among `paths`: image files, folders of them, and the DICOM series in a folder and its subfolders.
+
+    A folder with no volume or image file is walked for DICOM series: one series in a folder is named
+    after the folder's path below the given one (``root/patient1/ct`` -> ``patient1_ct``), several
+    series in one folder after their UIDs; `series_uid` keeps only that series.
+
+    Raises:
+        InvalidInputError: `series_uid` matches no series under the given folders.
+    """
+    cases: list[InputCase] = []
+    for item in map(Path, paths):
+        files = list_inputs([item])
+        if files != [item] or not item.is_dir():
+            cases.extend(InputCase(path, case_name(path)) for path in files)
+            continue
+        series = find_dicom_series(item)
+        per_folder = {folder: sum(1 for f, _ in series if f == folder) for folder, _ in series}
+        if series_uid is not None:
+            series = [(folder, uid) for folder, uid in series if uid == series_uid]
+        if not series:  # its reader reports what is wrong with it
+            if series_uid is not None:
+                raise InvalidInputError("no DICOM series with this UID", source=str(item), got=series_uid)
+            cases.append(InputCase(item, case_name(item)))
+            continue
+        for folder, uid in series:
+            relative = folder.relative_to(item).parts
+            name = uid if per_folder[folder] > 1 else "_".join(relative) or case_name(item)
+            cases.append(InputCase(folder, name, uid))
+    return cases

@@ -12,14 +12,13 @@ Steps (`predict_image`), each driven by the run's `PreprocessingRecord` and the 
    float), labels stay uint8;
 6. undo the reorientation; the label map has the input's affine.
 
-The JSON sidecar gives, per structure, the presence decision, its probability and confidence (from
+`mednets.engine.api` runs it for each case and `mednets.engine.outputs` writes the files. The JSON sidecar gives, per structure, the presence decision, its probability and confidence (from
 the presence head, or from the mask for models without one), the painted volume and, for structures
 judged absent, why they are empty.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,16 +31,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mednets.atomic import atomic_write_text, check_not_inputs
+from mednets.atomic import check_not_inputs
 from mednets.config import InferenceConfig
 from mednets.data.intensity import normalise, padding_value
-from mednets.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, case_name, list_inputs, read_any, write_volume
 from mednets.data.transforms import augmentation_axes
 from mednets.data.volume import Volume, max_voxels
 from mednets.devices import resolve_device
 from mednets.engine.run import PreprocessingRecord, RunFolder
 from mednets.engine.sliding_window import sliding_window
-from mednets.errors import ConfigError, InvalidInputError, MednetsError, failure_message
+from mednets.errors import ConfigError, InvalidInputError
 from mednets.host_memory import reuse_freed_memory
 from mednets.models import ModelSpec
 from mednets.tasks import Task, create_task, task_type
@@ -51,11 +49,10 @@ __all__ = [
     "LoadedRun",
     "Prediction",
     "check_outputs",
+    "check_output_folder",
     "drop_small_structures",
     "load_run",
-    "output_name",
     "predict_image",
-    "predict_paths",
 ]
 
 
@@ -86,7 +83,7 @@ class Prediction:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
 
-def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", device: str = "auto") -> LoadedRun:
     """Load a segmentation run's model (`checkpoints/<checkpoint>`, else `last`) with its labels and settings.
 
     Raises:
@@ -361,72 +358,3 @@ def check_outputs(outputs: dict[Path, list[Path]], option: str = "--out") -> Non
                 raise InvalidInputError("two inputs would write the same output; predict them into separate folders",
                                         source=f"{owners[resolved]} and {source}", got=f"output {target}")  # fmt: skip
             owners[resolved] = source
-
-
-def _write_together(label_path: Path, labels: Volume, sidecar_path: Path, sidecar: dict, clock: _StageClock) -> None:
-    """Write a case's label map and sidecar (each atomically): both appear, or neither stays."""
-    write_volume(labels, label_path)
-    clock.lap("write")
-    sidecar["seconds"].update(clock.seconds)
-    try:
-        atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2))
-    except BaseException:
-        label_path.unlink(missing_ok=True)
-        raise
-
-
-def output_name(path: Path) -> str:
-    """The label map's file name for an input: `<case>.nii.gz` for volumes, `.png` / `.tif` for 2D images."""
-    suffix = "".join(path.suffixes[-1:]).lower()
-    if suffix not in IMAGE_SUFFIXES:
-        return f"{case_name(path)}.nii.gz"
-    return f"{case_name(path)}{'.tif' if suffix in TIFF_SUFFIXES else '.png'}"
-
-
-def predict_paths(
-    run: LoadedRun,
-    inputs: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    *,
-    progress: bool = True,
-    **options: Any,
-) -> dict[str, list[Any]]:
-    """Predict every input (files, folders of files, DICOM folders) into `out_dir/<case>.<ending>` + `<case>.json`.
-
-    An input that cannot be read or predicted is reported and skipped; the rest continue. `options`
-    go to `predict_image`. Nothing is written when an output would replace an input or two inputs
-    would share an output (`check_outputs`).
-
-    Returns:
-        `{"written": [paths], "failed": [(input, message)]}`.
-    """
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    check_output_folder(out_dir)
-    paths = list_inputs(inputs)
-    check_outputs({path: [out_dir / output_name(path), out_dir / f"{case_name(path)}.json"] for path in paths})
-    written: list[Path] = []
-    failed: list[tuple[str, str]] = []
-    for path in tqdm(paths, desc="predicting", unit="image", disable=not progress):
-        try:
-            reading = _StageClock()
-            volume = read_any(path)
-            reading.lap("read")
-            prediction = predict_image(run, volume, **options)
-            name = output_name(path)
-            writing = _StageClock()
-            label_path = out_dir / name
-            sidecar_path = out_dir / f"{case_name(path)}.json"
-            sidecar = {
-                "structures": prediction.structures,
-                "seconds": {**reading.seconds, **prediction.seconds, **writing.seconds},
-                "model": {"name": run.spec.name, "run": str(run.run_dir)},
-                "input": {"path": str(path), "shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
-                          "orientation": volume.orientation if run.preprocessing.orientation else None},
-            }  # fmt: skip
-            _write_together(label_path, Volume(prediction.labels, volume.affine), sidecar_path, sidecar, writing)
-            written.append(label_path)
-        except (MednetsError, OSError) as error:  # one bad case (or a full disk) is reported; the rest go on
-            failed.append((str(path), failure_message(path, error)))
-    return {"written": written, "failed": failed}
