@@ -377,7 +377,18 @@ def predict_argv(fx: Fixtures, inputs: list[Path], out: Path, *extra: str, run: 
 
 
 def denoise_argv(fx: Fixtures, source: Path, target: Path, *extra: str, run: Path | None = None) -> list[str]:
-    return ["denoise", "--run", str(run or fx.drun), str(source), str(target), "--patch-size", "32", *extra]
+    return [
+        "denoise",
+        "--run",
+        str(run or fx.drun),
+        "--input",
+        str(source),
+        "--out",
+        str(target),
+        "--patch-size",
+        "32",
+        *extra,
+    ]
 
 
 def train_argv(ctx: Ctx, *overrides: str, data: Path | None = None, config: Path | None = None,
@@ -504,20 +515,20 @@ def _(ctx: Ctx) -> CaseSpec:
 @case("1 overwrite", "show SCAN --out SCAN (a PNG over the scan)")
 def _(ctx: Ctx) -> CaseSpec:
     scan = ctx.scan("scan.nii.gz")
-    return CaseSpec(["show", str(scan), "--out", str(scan)], names(scan, "--out"))
+    return CaseSpec(["show", "--input", str(scan), "--out", str(scan)], names(scan, "--out"))
 
 
 @case("1 overwrite", "export over the run's own model.safetensors")
 def _(ctx: Ctx) -> CaseSpec:
     run = ctx.copy(ctx.fx.run, "run")
     target = run / "checkpoints" / "best" / "model.safetensors"
-    return CaseSpec(["export", str(target), "--run", str(run)], names(target))
+    return CaseSpec(["export", "--out", str(target), "--run", str(run)], names(target))
 
 
 @case("1 overwrite", "report-run RUN --out RUN/config.yaml")
 def _(ctx: Ctx) -> CaseSpec:
     run = ctx.copy(ctx.fx.run, "run")
-    return CaseSpec(["report-run", str(run), "--out", str(run / "config.yaml")], names("config.yaml", "--out"))
+    return CaseSpec(["report-run", "--run", str(run), "--out", str(run / "config.yaml")], names("config.yaml", "--out"))
 
 
 @case("1 overwrite", "phantoms --out an existing dataset without --overwrite")
@@ -1122,18 +1133,18 @@ CLI_CASES: list[tuple[str, list[str], tuple[str, ...], str]] = [
     ("--n -1", ["phantoms", "--out", "{dir}/p", "--n", "-1"], ("--n",), "error"),
     ("--spacing 0", ["phantoms", "--out", "{dir}/p", "--spacing", "0"], ("--spacing", "spacing"), "error"),
     ("--absence-rate banana=2", ["phantoms", "--out", "{dir}/p", "--absence-rate", "banana=2"], ("banana", "--absence-rate"), "error"),
-    ("--window with three numbers", ["show", "x.nii.gz", "--out", "x.png", "--window", "1", "2", "3"], ("--window",), "error"),
+    ("--window with three numbers", ["show", "--input", "x.nii.gz", "--out", "x.png", "--window", "1", "2", "3"], ("--window",), "error"),
     ("--input-size with one number", ["report", "unet", "--input-size", "3", "--out", "{dir}/r"], ("--input-size",), "error"),
     ("report an unknown model", ["report", "unet9", "--input-size", "3", "64", "64", "--out", "{dir}/r"], ("unet9",), "error"),
     ("predict --overlap 1.5", ["predict", "--run", "r", "--input", "x", "--out", "o", "--overlap", "1.5"], ("--overlap",), "error"),
     ("predict --batch-size 0", ["predict", "--run", "r", "--input", "x", "--out", "o", "--batch-size", "0"], ("--batch-size",), "error"),
-    ("denoise --patch-size 8", ["denoise", "--run", "r", "a.png", "b.png", "--patch-size", "8"], ("--patch-size",), "error"),
-    ("show a file that does not exist", ["show", "{dir}/nothing.nii.gz", "--out", "{dir}/s.png"], ("nothing.nii.gz",), "error"),
+    ("denoise --patch-size 8", ["denoise", "--run", "r", "--input", "a.png", "--out", "b.png", "--patch-size", "8"], ("--patch-size",), "error"),
+    ("show a file that does not exist", ["show", "--input", "{dir}/nothing.nii.gz", "--out", "{dir}/s.png"], ("nothing.nii.gz",), "error"),
     ("train --set without '='", ["train", str(REPO / "configs" / "unet3d_phantoms.yaml"), "--set", "train.lr"], ("--set", "train.lr"),
      "error"),
     ("dataset-from-image with a missing image", ["dataset-from-image", "--image", "{dir}/none.tif", "--mask", "{dir}/m.tif", "--out",
                                                  "{dir}/d"], ("none.tif",), "error"),
-    ("report-run a folder that does not exist", ["report-run", "{dir}/no_run"], ("no_run",), "error"),
+    ("report-run a folder that does not exist", ["report-run", "--run", "{dir}/no_run"], ("no_run",), "error"),
 ]  # fmt: skip
 
 for _name, _argv, _names, _expected in CLI_CASES:
@@ -1195,7 +1206,7 @@ def _(ctx: Ctx) -> CaseSpec:
 def _(ctx: Ctx) -> CaseSpec:
     folder = ctx.dir / "locked"
     folder.mkdir()
-    return CaseSpec(["export", str(folder / "model.onnx"), "--run", str(ctx.fx.run)], names("locked", "model.onnx"),
+    return CaseSpec(["export", "--out", str(folder / "model.onnx"), "--run", str(ctx.fx.run)], names("locked", "model.onnx"),
                     readonly=(folder,))  # fmt: skip
 
 
@@ -1203,20 +1214,21 @@ def _(ctx: Ctx) -> CaseSpec:
 def _(ctx: Ctx) -> CaseSpec:
     shadow = ctx.path("shadow/onnxruntime/__init__.py")
     shadow.write_text("raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n")
-    return CaseSpec(["export", str(ctx.dir / "model.onnx"), "--run", str(ctx.fx.run)], names("onnxruntime", "export"),
+    return CaseSpec(["export", "--out", str(ctx.dir / "model.onnx"), "--run", str(ctx.fx.run)], names("onnxruntime", "export"),
                     env={"PYTHONPATH": str(shadow.parent.parent)})  # fmt: skip
 
 
 @case("9 cli", "export --format tflite")
 def _(ctx: Ctx) -> CaseSpec:
-    return CaseSpec(["export", str(ctx.dir / "m.tflite"), "--run", str(ctx.fx.run), "--format", "tflite"],
+    return CaseSpec(["export", "--out", str(ctx.dir / "m.tflite"), "--run", str(ctx.fx.run), "--format", "tflite"],
                     names("--format", "tflite"))  # fmt: skip
 
 
 @case("9 cli", "export --opset 5")
 def _(ctx: Ctx) -> CaseSpec:
     return CaseSpec(
-        ["export", str(ctx.dir / "m.onnx"), "--run", str(ctx.fx.run), "--opset", "5"], names("--opset", "opset")
+        ["export", "--out", str(ctx.dir / "m.onnx"), "--run", str(ctx.fx.run), "--opset", "5"],
+        names("--opset", "opset"),
     )
 
 
@@ -1239,7 +1251,7 @@ def _(ctx: Ctx) -> CaseSpec:
 @case("0 baseline", "export the tiny run to ONNX", "success")
 def _(ctx: Ctx) -> CaseSpec:
     out = ctx.dir / "model.onnx"
-    return CaseSpec(["export", str(out), "--run", str(ctx.fx.run)], outputs=(out, Path(f"{out}.json")))
+    return CaseSpec(["export", "--out", str(out), "--run", str(ctx.fx.run)], outputs=(out, Path(f"{out}.json")))
 
 
 # ---------------------------------------------------------------------------------------------------

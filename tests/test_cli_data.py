@@ -72,6 +72,7 @@ def test_show_command_writes_png(real_ct: Path, tmp_path: Path) -> None:
         main(
             [
                 "show",
+                "--input",
                 str(real_ct / "example_ct_sm.nii.gz"),
                 "--labels",
                 str(mapped),
@@ -96,6 +97,7 @@ def test_show_rejects_labels_on_another_grid(
     code = main(
         [
             "show",
+            "--input",
             str(real_ct / "example_ct_sm.nii.gz"),
             "--labels",
             str(phantom_dataset / "labelsTr" / "phantom_000.nii.gz"),

@@ -162,7 +162,9 @@ def validate_command(
 
 @app.command("convert-labels")
 def convert_labels_command(
-    source: Annotated[Path, typer.Option("--in", help="Label map to convert (any supported volume format).")],
+    source: Annotated[
+        Path, typer.Option("--input", "--in", help="Label map to convert (any supported volume format).")
+    ],
     target: Annotated[Path, typer.Option("--out", help="Converted label map to write (same geometry).")],
     mapping: Annotated[
         str,
@@ -178,9 +180,12 @@ def convert_labels_command(
 
 @app.command("show")
 def show_command(
-    path: Annotated[Path, typer.Argument(help="Volume file or DICOM folder to show.")],
+    path: Annotated[Path, typer.Option("--input", help="Volume file or DICOM folder to show.")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
-    labels: Annotated[Path | None, typer.Option("--labels", help="Label map to overlay (same grid).")] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help="Label map to overlay (same grid); a .seg.nrrd shows its own names and colours."),
+    ] = None,
     window: Annotated[
         str, typer.Option("--window", metavar="LOW HIGH", help="Display window, e.g. -160 240 (HU).")
     ] = "-160,240",
@@ -276,7 +281,7 @@ def dataset_from_image_command(
 
 @app.command("report-run")
 def report_run_command(
-    run: Annotated[Path, typer.Argument(help="Run folder made by `mednets train` (or `mednets demo`).")],
+    run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train` (or `mednets demo`).")],
     pred: Annotated[
         Path | None, typer.Option("--pred", help="Predictions folder (default: RUN/test_predictions).")
     ] = None,
@@ -326,7 +331,9 @@ def demo_command(
 
 @app.command("export")
 def export_command(
-    out: Annotated[Path, typer.Argument(help="File to write, e.g. model.onnx; its JSON record goes to OUT.json.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="File to write, e.g. model.onnx; its JSON record goes to OUT.json.")
+    ],
     run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train` (segmentation or denoising).")],
     export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",

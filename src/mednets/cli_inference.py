@@ -132,8 +132,8 @@ def predict_command(
 
 
 def denoise_command(
-    source: Annotated[Path, typer.Argument(help="Image file (PNG, JPEG, TIFF, SVS level 0) or folder of images.")],
-    target: Annotated[Path, typer.Argument(help="Output file (for one input file) or folder.")],
+    source: Annotated[Path, typer.Option("--input", help="Image file (PNG, JPEG, TIFF, SVS) or folder of images.")],
+    target: Annotated[Path, typer.Option("--out", help="Output file (for one input file) or folder.")],
     run: Annotated[Path, typer.Option("--run", help="Denoising run folder made by `mednets train`.")],
     patch_size: Annotated[int, typer.Option("--patch-size", min=16, help="Window side in pixels.")] = 256,
     overlap: Annotated[

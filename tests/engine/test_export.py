@@ -11,7 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from test_inference import _tiny_run  # the tiny trained runs the prediction tests share
+import yaml
 
 from mednets.cli import main
 from mednets.config import load_config
@@ -175,13 +175,13 @@ def test_unsupported_opset_and_folder_output_are_config_errors(tmp_path: Path) -
         export_onnx(model, x, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["dynunet", "sadaan_fast"])
 def test_export_command_writes_a_checked_graph_of_the_trained_run(
-    name: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir = _tiny_run(name, tmp_path_factory)
+    run_dir = tiny_run  # dynunet and sadaan_fast (tests/engine/conftest.py)
+    name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"]
     out = tmp_path / "model.onnx"
-    assert main(["export", "--run", str(run_dir), "--format", "onnx", str(out)]) == 0
+    assert main(["export", "--run", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "max abs difference" in printed
 
@@ -196,7 +196,7 @@ def test_export_command_writes_a_checked_graph_of_the_trained_run(
 
 
 def test_export_command_reports_a_bad_format_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", "--run", str(tmp_path), "--format", "tflite", str(tmp_path / "model.onnx")]) == 2
+    assert main(["export", "--run", str(tmp_path), "--format", "tflite", "--out", str(tmp_path / "model.onnx")]) == 2
     assert "format: unknown export format" in capsys.readouterr().err
 
 

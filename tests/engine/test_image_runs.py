@@ -54,7 +54,7 @@ def test_denoise_command_writes_each_image_in_its_format(denoising_run: Path, tm
     Image.fromarray(np.full((50, 60, 3), 200, np.uint8)).save(inputs / "a.png")
     Image.fromarray(np.full((50, 60, 3), 200, np.uint8)).save(inputs / "b.jpg", quality=95)
     tifffile.imwrite(inputs / "c.tif", np.full((2, 40, 40), 30000, np.uint16))  # two pages
-    code = main(["denoise", "--run", str(denoising_run), str(inputs), str(tmp_path / "out"), "--patch-size", "32",
+    code = main(["denoise", "--run", str(denoising_run), "--input", str(inputs), "--out", str(tmp_path / "out"), "--patch-size", "32",
                  "--overlap", "0.375"])  # fmt: skip
     assert code == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (60, 50)
@@ -67,7 +67,7 @@ def test_denoise_command_keeps_the_mean_colour_when_asked(denoising_run: Path, t
     rng = np.random.default_rng(0)
     pixels = rng.integers(150, 240, (48, 48, 3), dtype=np.uint8)  # bright as H&E, away from 255: no clipping
     Image.fromarray(pixels).save(tmp_path / "in.png")
-    code = main(["denoise", "--run", str(denoising_run), str(tmp_path / "in.png"), str(tmp_path / "out.png"),
+    code = main(["denoise", "--run", str(denoising_run), "--input", str(tmp_path / "in.png"), "--out", str(tmp_path / "out.png"),
                  "--patch-size", "48", "--overlap", "0.25", "--keep-mean-colour"])  # fmt: skip
     assert code == 0
     out = np.asarray(Image.open(tmp_path / "out.png")).astype(float)
@@ -104,7 +104,7 @@ def test_nuclei_run_predicts_labels_of_the_input_size(shared_dir: Path, tmp_path
         == 0
     )
     report = tmp_path / "report.html"
-    assert main(["report-run", str(run_dir), "--pred", str(tmp_path / "pred"), "--scores",
+    assert main(["report-run", "--run", str(run_dir), "--pred", str(tmp_path / "pred"), "--scores",
                  str(tmp_path / "scores.json"), "--out", str(report)]) == 0  # fmt: skip
     page = report.read_text()
     assert "nucleus" in page and "could not be built" not in page

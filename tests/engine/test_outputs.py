@@ -266,3 +266,10 @@ def test_dicom_seg_of_a_nifti_input_is_refused_before_work(run, phantom: Path, t
                  "--format", "dicom-seg", "--device", "cpu"])  # fmt: skip
     assert code == 2 and "needs a DICOM series input" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_input_stops_the_run_before_any_work(run, phantom: Path, tmp_path: Path, capsys) -> None:
+    code = main(["predict", "--run", str(run.run_dir), "--input", str(phantom), "--input", str(tmp_path / "typo"),
+                 "--out", str(tmp_path / "o"), "--device", "cpu"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and "input not found" in error and "typo" in error and not (tmp_path / "o").exists()

@@ -32,7 +32,7 @@ def test_an_output_that_is_an_input_file_or_inside_an_input_folder_is_refused(tm
     "argv",
     [
         ["convert-labels", "--in", "{scan}", "--out", "{scan}"],
-        ["show", "{scan}", "--out", "{scan}"],
+        ["show", "--input", "{scan}", "--out", "{scan}"],
         ["evaluate", "--pred", "{folder}", "--truth", "{folder}", "--out", "{folder}/scan"],
     ],
     ids=["convert-labels", "show", "evaluate"],

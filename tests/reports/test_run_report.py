@@ -85,9 +85,9 @@ def test_report_without_evaluation_or_predictions_says_so(demo_run: Path, tmp_pa
 
 def test_cli_report_run_writes_elsewhere(demo_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy.html"
-    assert main(["report-run", str(demo_run), "--out", str(out)]) == 0
+    assert main(["report-run", "--run", str(demo_run), "--out", str(out)]) == 0
     assert len(_images(out.read_text(encoding="utf-8"))) == _expected_images(demo_run)
-    assert main(["report-run", str(tmp_path / "missing")]) == 2
+    assert main(["report-run", "--run", str(tmp_path / "missing")]) == 2
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")

@@ -83,12 +83,15 @@ def case_name(path: str | os.PathLike[str]) -> str:
     """The case a file or DICOM folder holds: its name without a known file ending and channel suffix.
 
     A known ending (`VOLUME_SUFFIXES`, `IMAGE_SUFFIXES`, any letter case) is removed, then a trailing
-    nnU-Net channel suffix ``_0000``: ``a/b/case_0000.nii.gz`` gives ``case``, ``scan.png`` gives ``scan``.
+    nnU-Net channel suffix ``_0000``: ``a/b/case_0000.nii.gz`` gives ``case``, ``scan.png`` gives ``scan``,
+    ``case.seg.nrrd`` gives ``case``.
     """
     name = Path(path).name
     suffix = _suffix(Path(name))
     if suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
         name = name[: -len(suffix)]
+        if suffix == ".nrrd":  # a 3D Slicer segmentation, `<case>.seg.nrrd`
+            name = name.removesuffix(".seg")
     return name.removesuffix(_CHANNEL_SUFFIX)
 
 

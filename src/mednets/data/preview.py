@@ -16,6 +16,7 @@ import numpy as np
 from mednets import anatomy
 from mednets.atomic import atomic_write_bytes, check_not_inputs
 from mednets.data.io import read_volume
+from mednets.data.segmentation_files import read_seg_nrrd
 from mednets.data.volume import Volume
 from mednets.errors import InvalidInputError
 
@@ -53,6 +54,7 @@ def render_orthogonal(
     window: tuple[float, float] = DEFAULT_WINDOW,
     title: str | None = None,
     alpha: float = 0.45,
+    legend: dict[int, tuple[str, tuple[float, float, float]]] | None = None,
 ) -> bytes:
     """PNG bytes of axial, coronal and sagittal slices of `volume`, `labels` overlaid with a legend.
 
@@ -62,6 +64,7 @@ def render_orthogonal(
         window: display window (low, high) in the volume's units (HU for CT).
         title: figure title.
         alpha: overlay opacity.
+        legend: {label: (name, RGB)} to use (a `.seg.nrrd`'s own names and colours); default `label_colours`.
     """
     import matplotlib
 
@@ -92,7 +95,7 @@ def render_orthogonal(
         ("sagittal", image.array[:, :, i], None if label_array is None else label_array[:, :, i], sz / sy, "lower"),
     ]
     present = sorted(int(v) for v in np.unique(label_array) if v != 0) if label_array is not None else []
-    colours = label_colours(present)
+    colours = {**label_colours(present), **{k: v for k, v in (legend or {}).items() if k in present}}
     lut = np.zeros((max(present, default=0) + 1, 4))
     for label_id, (_, rgb) in colours.items():
         lut[label_id] = (*rgb, alpha)
@@ -124,9 +127,17 @@ def show(
     labels: str | os.PathLike[str] | None = None,
     window: tuple[float, float] = DEFAULT_WINDOW,
 ) -> Path:
-    """Read `path` (and `labels`), render three orthogonal slices with the overlay, write PNG `out` atomically."""
+    """Read `path` (and `labels`), render three orthogonal slices with the overlay, write PNG `out` atomically.
+
+    A `.seg.nrrd` label map is shown with the segment names and colours its header gives.
+    """
     check_not_inputs([out], [path, labels], "--out")
     volume = read_volume(path)
-    label_volume = read_volume(labels) if labels is not None else None
-    data = render_orthogonal(volume, label_volume, window=window, title=Path(path).name)
+    label_volume, legend = None, None
+    if labels is not None and str(labels).lower().endswith(".seg.nrrd"):
+        label_volume, segments = read_seg_nrrd(labels)
+        legend = {int(s["label"]): (str(s["name"]), tuple(s["color"])) for s in segments}
+    elif labels is not None:
+        label_volume = read_volume(labels)
+    data = render_orthogonal(volume, label_volume, window=window, title=Path(path).name, legend=legend)
     return atomic_write_bytes(out, data)

@@ -174,6 +174,9 @@ def predict_paths(
 
     outputs = outputs or OutputOptions()
     select_structures(run.structures, outputs.roi_subset)  # an unknown name stops the run before any work
+    missing = [str(path) for path in map(Path, inputs) if not path.exists()]
+    if missing:  # a mistyped path is the user's to fix before anything runs, not a failed case
+        raise InvalidInputError("input not found", source=", ".join(missing), expected="an existing file or folder")
     cases = list_cases(inputs, series_uid=series_uid)
     plans: dict[InputCase, dict[str, Path]] = {}
     if out_dir is not None:
