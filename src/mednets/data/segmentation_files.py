@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,14 @@ def write_split_masks(
     staging = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.tmp"
     os.mkdir(staging)
     try:
-        for segment in segments:
+
+        def write_mask(segment: Segment) -> None:
             mask = (labels.array == segment.label).astype(np.uint8)
             write_volume(Volume(mask, labels.affine), staging / f"{segment.name}{suffix}")
+
+        # Compression dominates and zlib releases the GIL: one thread per core (a mask each, bounded memory).
+        with ThreadPoolExecutor(max_workers=min(len(segments), os.cpu_count() or 1) or 1) as pool:
+            list(pool.map(write_mask, segments))
         if folder.exists():
             retired = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
             os.rename(folder, retired)
