@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mednets.config import ExperimentConfig, load_config, save_config
+from mednets.config import ExperimentConfig, load_config, parse_assignments, save_config, yaml_values
 from mednets.errors import ConfigError, UnknownNameError
 
 
@@ -50,6 +50,16 @@ def test_malformed_override_and_bad_yaml_are_errors(tmp_path: Path) -> None:
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_key_value_assignments_parse_values_as_yaml() -> None:
+    parsed = parse_assignments(["bilinear=true", "base_channels=8", "grid_size=[32, 32, 32]", "norm=instance"])
+    assert parsed == {"bilinear": True, "base_channels": 8, "grid_size": [32, 32, 32], "norm": "instance"}
+    assert yaml_values({"bilinear": "false", "out_channels": 13, "scale": "0.5"}) == {
+        "bilinear": False, "out_channels": 13, "scale": 0.5}  # fmt: skip
+    for bad in ("bilinear", "=1", "a=[1"):
+        with pytest.raises(ConfigError, match="--set"):
+            parse_assignments([bad])
 
 
 def test_saved_config_loads_back_equal(tmp_path: Path) -> None:

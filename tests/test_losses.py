@@ -1,4 +1,4 @@
-"""SpatialAttentionLoss on tiny cases computed by hand, term by term."""
+"""Losses on tiny cases computed by hand, term by term: SpatialAttentionLoss, and DeepSupervisionLoss on a binary head."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mednets.errors import InvalidInputError, UnknownNameError
-from mednets.losses import SpatialAttentionLoss
+from mednets.losses import DeepSupervisionLoss, SpatialAttentionLoss
 
 EPS = 1e-6
 LN2 = math.log(2)
@@ -207,3 +207,42 @@ def test_balanced_attention_supervision_weighs_inside_and_outside_equally():
     assert SpatialAttentionLoss(attention_balanced=True)(outputs, full)[
         "attention_supervision"
     ].item() == pytest.approx(inside)
+
+
+# ---- DeepSupervisionLoss on a binary head (one logit channel: sigmoid, BCE + Dice) ----------------
+
+
+def _binary_reference(logits: torch.Tensor, labels: torch.Tensor, smooth: float) -> torch.Tensor:
+    """BCE-with-logits (voxel mean) + the foreground's soft Dice loss, averaged over samples with foreground."""
+    truth = labels.double()
+    p = 1 / (1 + torch.exp(-logits.double()))
+    bce = -(truth * torch.log(p) + (1 - truth) * torch.log(1 - p)).mean()
+    dice = []
+    for sample_p, sample_t in zip(p, truth, strict=True):
+        if sample_t.sum() > 0:
+            dice.append(1 - (2 * (sample_p * sample_t).sum() + smooth) / (sample_p.sum() + sample_t.sum() + smooth))
+    return bce + sum(dice) / len(truth)  # a sample without foreground adds Dice 0
+
+
+def test_binary_head_loss_is_bce_plus_foreground_dice():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 1, 4, 5, dtype=torch.float64)
+    labels = (torch.rand(3, 4, 5) > 0.6).long()
+    labels[2] = 0  # a sample without foreground: Dice 0 there, BCE still counts it
+    terms = DeepSupervisionLoss()(logits, labels)
+    expected = _binary_reference(logits[:, 0], labels, smooth=1e-5)
+    assert terms["main"].item() == pytest.approx(expected.item(), abs=1e-6)  # the loss computes in float32
+    assert terms["total"].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_binary_head_loss_equals_torch_bce_when_there_is_no_foreground():
+    logits = torch.randn(2, 1, 3, 3, 3)
+    labels = torch.zeros(2, 3, 3, 3, dtype=torch.long)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+    assert DeepSupervisionLoss()(logits, labels)["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_binary_head_refuses_a_second_structure():
+    labels = torch.tensor([0, 1, 2, 0]).view(1, 1, 4)
+    with pytest.raises(InvalidInputError, match="binary head"):
+        DeepSupervisionLoss()(torch.zeros(1, 1, 1, 4), labels)

@@ -11,6 +11,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
+    "parse_assignments",
     "save_config",
+    "yaml_values",
 ]
 
 
@@ -41,7 +44,11 @@ class ModelConfig:
 
     Attributes:
         name: registered model name.
-        overrides: keyword arguments of its builder.
+        overrides: keyword arguments of its builder. Segmentation models get `out_channels` from the
+            dataset's labels (one softmax output per label, background included) unless set here;
+            `out_channels: 1` on a dataset of one structure (labels `{background: 0, <name>: 1}`) is
+            binary segmentation: a sigmoid head trained with BCE + Dice, foreground where the
+            sigmoid exceeds 0.5 (MONAI's `out_channels=1` with `sigmoid=True`).
         init_from_data: start the model from the training data where it supports this (SADAAn: the
             position prior from the training labels' voxel-wise frequency; see
             `SpatialAttentionMedicalSegmenter.init_from_label_frequency`). A resumed run loads its
@@ -356,6 +363,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError("cannot set a key inside a non-mapping", source=dotted)
         node[keys[-1]] = yaml.safe_load(text)
     return data
+
+
+def yaml_values(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`values` with every string read as YAML, as `--set` reads it (`"true"` -> True, `"8"` -> 8, `"[32, 32]"`)."""
+    return {
+        str(key): yaml.safe_load(value) if isinstance(value, str) else value for key, value in (values or {}).items()
+    }
+
+
+def parse_assignments(items: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """`KEY=VALUE` strings (a repeated `--set`) as `{KEY: VALUE read as YAML}`; a later KEY wins.
+
+    Raises:
+        ConfigError: an item without `=` or with an empty key, or a value that is not YAML.
+    """
+    parsed = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError("must look like KEY=VALUE", source=source, got=item)
+        try:
+            parsed[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"invalid YAML value: {_yaml_problem(error)}", source=f"{source} {item}") from error
+    return parsed
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

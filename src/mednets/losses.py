@@ -241,6 +241,11 @@ class DeepSupervisionLoss(nn.Module):
     has Dice 0, never NaN (the shared convention for absent organs). Being a mean of per-sample
     terms, the loss is the same whether a batch runs in one process or is split across DDP ranks.
 
+    Logits of one channel are a binary head (one structure, labels 0 and 1; MONAI's `out_channels=1`
+    with `sigmoid=True`): CE becomes the voxel-mean BCE-with-logits against `label == 1`, and Dice is
+    taken on the sigmoid as the two-class probabilities `(1 - p, p)`, so the same counting rules apply
+    (background excluded: the foreground's soft Dice, in samples that have foreground).
+
     Args:
         aux_weights: weights of the auxiliary outputs, finest first (default: `0.5**(k + 1)`); their
             number must match the model's auxiliary outputs.
@@ -284,7 +289,8 @@ class DeepSupervisionLoss(nn.Module):
 
         Args:
             outputs: `{"logits": [B, C, *S], "aux_logits": [[B, C, *S_k], ...]}` (train mode) or the
-                logits tensor alone (eval mode, or deep supervision off: only the main term).
+                logits tensor alone (eval mode, or deep supervision off: only the main term); `C = 1`
+                is a binary head (sigmoid).
             target: class indices `[B, 1, *S]` or `[B, *S]` (integer, or float holding integers).
 
         Returns:
@@ -316,11 +322,13 @@ class DeepSupervisionLoss(nn.Module):
         if labels.is_floating_point() and not torch.equal(labels, labels.round()):
             raise InvalidInputError("target must hold class indices", source="target", got="non-integer values")
         labels = labels.long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        classes = max(2, logits.shape[1])  # a one-channel (binary) head has classes 0 and 1
+        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
             raise InvalidInputError(
-                "target has a class index outside the logits' classes",
+                "target has a class index outside the logits' classes"
+                + (" (one logit channel is a binary head: labels 0 and 1)" if logits.shape[1] == 1 else ""),
                 source="target",
-                expected=f"0 .. {logits.shape[1] - 1}",
+                expected=f"0 .. {classes - 1}",
                 got=f"{int(labels.min())} .. {int(labels.max())}",
             )
         return labels
@@ -328,8 +336,13 @@ class DeepSupervisionLoss(nn.Module):
     def _level_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Dice + CE of one level: logits `[B, C, *S]`, labels `[B, 1, *S]` -> scalar."""
         logits = logits.float()
-        ce = F.cross_entropy(logits, labels[:, 0])
-        probs = torch.softmax(logits, dim=1)
+        if logits.shape[1] == 1:  # binary head: sigmoid of the foreground, background is its complement
+            ce = F.binary_cross_entropy_with_logits(logits, (labels == 1).float())
+            foreground = torch.sigmoid(logits)
+            probs = torch.cat([1 - foreground, foreground], dim=1)
+        else:
+            ce = F.cross_entropy(logits, labels[:, 0])
+            probs = torch.softmax(logits, dim=1)
         onehot = torch.zeros_like(probs).scatter_(1, labels, 1.0)
         axes = tuple(range(2, probs.ndim))  # voxels: one Dice per sample and class
         intersection = (probs * onehot).sum(axes)

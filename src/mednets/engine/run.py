@@ -90,16 +90,30 @@ class PreprocessingRecord:
         return cls(**data)
 
 
+# `out_channels` and the seed names `create_model` still accepts for it.
+_OUT_CHANNEL_NAMES = ("out_channels", "n_classes", "num_classes", "num_structures")
+
+
 def build_model_for_labels(config: ExperimentConfig, num_labels: int | None) -> nn.Module:
     """Create the configured model with its output channels fitted to `num_labels` labels (with background).
 
-    The task decides how many outputs that is (`Task.out_channels`); denoising runs (`num_labels` None)
-    keep the model's own output.
+    The task decides how many outputs that is (`Task.out_channels`), unless `model.overrides` sets
+    them (`out_channels`, or a seed name of it such as `n_classes`), which the task must accept
+    (`Task.check_head`: 1 is a binary head for a dataset of one structure). Denoising runs
+    (`num_labels` None) keep the model's own output.
+
+    Raises:
+        ConfigError: the overridden output channels do not fit the labels.
     """
     spec = get_model_spec(config.model.name)
     overrides = dict(config.model.overrides)
     if num_labels is not None:
-        overrides.setdefault("out_channels", create_task(spec.task, num_classes=num_labels).out_channels)
+        task = create_task(spec.task, num_classes=num_labels)
+        given = [overrides[name] for name in _OUT_CHANNEL_NAMES if name in overrides]
+        if given:
+            task.check_head(given[0])
+        else:
+            overrides["out_channels"] = task.out_channels
     return create_model(config.model.name, **overrides)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "register_variant",
     "unregister_model",
     "create_model",
+    "model_options",
     "list_models",
     "get_model_spec",
     "TASKS",
@@ -289,7 +290,7 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def _resolve_aliases(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def _resolve_aliases(name: str, overrides: dict[str, Any], *, stacklevel: int = 3) -> dict[str, Any]:
     """Map the deprecated seed names (`n_channels`, `n_classes`, `num_classes`, `num_structures`)."""
     resolved = dict(overrides)
     for old, new in _DEPRECATED_ALIASES.items():
@@ -298,7 +299,7 @@ def _resolve_aliases(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         if new in resolved:
             raise ConfigError(f"{old!r} and {new!r} both given; they are the same option",
                               source=f"create_model({name!r})", expected=new, got=sorted(overrides))  # fmt: skip
-        warnings.warn(f"create_model option {old!r} is deprecated; use {new!r}", FutureWarning, stacklevel=3)
+        warnings.warn(f"create_model option {old!r} is deprecated; use {new!r}", FutureWarning, stacklevel=stacklevel)
         resolved[new] = resolved.pop(old)
     return resolved
 
@@ -321,15 +322,26 @@ def create_model(
         UnknownNameError: `name` is not registered, or an override is not an argument of the builder.
         ConfigError: an option is given under its old and its new name, or the builder rejects a value.
     """
-    spec = get_model_spec(name)
     if in_channels is not None:
         overrides["in_channels"] = in_channels
     if out_channels is not None:
         overrides["out_channels"] = out_channels
-    overrides = _resolve_aliases(name, overrides)
-    unknown = sorted(set(overrides) - set(spec.options))
+    return get_model_spec(name).builder(**model_options(name, overrides, stacklevel=4))
+
+
+def model_options(name: str, overrides: Mapping[str, Any], *, stacklevel: int = 3) -> dict[str, Any]:
+    """`overrides` of model `name` checked against its builder's arguments (`ModelSpec.options`), as
+    `create_model` checks them: the seed names are mapped to the new ones (with a `FutureWarning`).
+
+    Raises:
+        UnknownNameError: an override is not an argument of the builder (the message lists them).
+        ConfigError: an option is given under its old and its new name.
+    """
+    spec = get_model_spec(name)
+    resolved = _resolve_aliases(name, dict(overrides), stacklevel=stacklevel)
+    unknown = sorted(set(resolved) - set(spec.options))
     if unknown:
         raise UnknownNameError(
             "unknown override", source=f"create_model({name!r})", expected=f"one of {spec.options}", got=unknown
         )
-    return spec.builder(**overrides)
+    return resolved

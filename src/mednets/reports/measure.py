@@ -3,7 +3,9 @@
 On CPU, peak memory is the peak resident set size of a fresh child process (spawned, so nothing of
 the parent is inherited) above its resident size right before the measured function runs (the
 kernel's peak mark is reset first, Linux `/proc/self/clear_refs`); the child runs one function and
-reports back. On CUDA, it is `torch.cuda.max_memory_allocated` around the function.
+reports back. On CUDA, it is `torch.cuda.max_memory_allocated` around the function. `tensor_peak_mb`
+measures the peak of live tensors alone on any device (torch's `MemTracker`, a dispatch mode that
+follows every tensor storage), the CPU's counterpart of `max_memory_allocated`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import multiprocessing
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +35,7 @@ __all__ = [
     "conv3d_peaks",
     "count_flops",
     "machine_description",
+    "tensor_peak_mb",
 ]
 
 
@@ -96,6 +100,28 @@ def run_measured(fn: Callable[..., Any], *args: Any, device: str = "cpu", thread
     if status != "ok":
         raise RuntimeError(f"measured run failed in the child process: {value}")
     return Measured(value, peak_mb, device)
+
+
+def tensor_peak_mb(
+    step: Callable[[], Any], *external: nn.Module | torch.optim.Optimizer | torch.Tensor
+) -> float | None:
+    """Peak MB of live tensors (all devices) while `step()` runs, counting those of `external` made before it.
+
+    Measured with `torch.distributed._tools.mem_tracker.MemTracker` (tensor storages only: no allocator
+    cache, kernel workspace or runtime); None where this torch build lacks it.
+    """
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:  # a torch built without torch.distributed
+        return None
+    tracker = MemTracker()
+    tracker.track_external(*external)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its module tracker warns about modules without a backward hook
+        with tracker:
+            step()
+    peaks = tracker.get_tracker_snapshot("peak")
+    return sum(categories.get("Total", 0) for categories in peaks.values()) / 2**20
 
 
 def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:

@@ -1,17 +1,20 @@
-"""The model report of seed 001, measured: layer table, parameter breakdown, FLOPs, peak memory, data-flow map.
+"""The model report of seed 001, measured: layer table, parameter breakdown, FLOPs, memory, data-flow map.
 
 Every figure comes from running the model: shapes from forward hooks, FLOPs from
 `torch.utils.flop_counter`, peak memory of an inference pass and of one Adam training step from
-`measure.run_measured` (a fresh child process on CPU, `max_memory_allocated` on CUDA). With two
-or more models the report opens with a side-by-side comparison of the measured numbers.
+`measure.run_measured` (a fresh child process on CPU, `max_memory_allocated` on CUDA), and the
+training memory split into weights, gradients, optimizer state and activations per stage
+(`training_memory`). Any build can be reported: constructor overrides go to `create_model`. The
+report opens with when and where it was measured; with two or more models, a side-by-side comparison.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,15 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from mednets.atomic import atomic_write_text
+from mednets.config import yaml_values
 from mednets.devices import resolve_device
-from mednets.errors import ConfigError
+from mednets.errors import ConfigError, UnknownNameError
 from mednets.models import create_model, get_model_spec
+from mednets.models.registry import model_options
 from mednets.reports.figures import figure_to_base64, plot_data_flow, plot_parameter_breakdown
 from mednets.reports.html import MODEL_CSS, page, table
-from mednets.reports.measure import count_flops, median_time, run_measured
+from mednets.reports.measure import count_flops, machine_description, median_time, run_measured
+from mednets.reports.training_memory import ACTIVATION_METHOD, TrainingMemory, adam_step, training_memory
 
 __all__ = [
     "LayerRow",
@@ -66,7 +72,8 @@ class StageRow:
 class ModelMeasurements:
     """Everything the report shows about one model at one input size.
 
-    Memory and time are None when not measured (`describe_model`: the structure only).
+    Memory and time are None when not measured (`describe_model`: the structure only); `overrides`
+    are the arguments given to `create_model` (empty: the registry's default build; None: not known).
     """
 
     name: str
@@ -85,6 +92,8 @@ class ModelMeasurements:
     train_step_seconds: float | None
     device: str
     breakdown: list[tuple[str, int]] = field(default_factory=list)
+    overrides: dict[str, Any] | None = None
+    memory: TrainingMemory | None = None
 
     @property
     def size_mb(self) -> float:
@@ -164,39 +173,38 @@ def _parameter_breakdown(model: nn.Module) -> list[tuple[str, int]]:
     return [*rows, ("(model's own parameters)", own)] if own else rows
 
 
-def _outputs_mean(outputs: Any) -> torch.Tensor:
-    """A scalar depending on every floating output (the surrogate loss of the measured training step)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float().mean() if outputs.is_floating_point() else outputs.new_zeros((), dtype=torch.float32)
-    items = outputs.values() if isinstance(outputs, dict) else outputs
-    return sum((_outputs_mean(item) for item in items), torch.zeros(()))
+def _options(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`overrides` checked by `model_options`: an unknown key raises `UnknownNameError` naming its `--set`."""
+    get_model_spec(name)  # an unknown model is its own error
+    try:
+        return model_options(name, overrides)
+    except UnknownNameError as error:
+        raise UnknownNameError(f"unknown constructor option of model {name!r}", source=f"--set {' '.join(error.got)}",
+                               expected=error.expected, got=error.got) from error  # fmt: skip
 
 
-def _build(name: str, device: str, train: bool) -> nn.Module:
+def _build(name: str, device: str, train: bool, overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build model `name` with `overrides` on `device`; a value the builder rejects raises `ConfigError`."""
+    options = _options(name, overrides or {})
     torch.manual_seed(0)
-    model = create_model(name).to(device)
-    return model.train(train)
+    try:
+        model = create_model(name, **options)
+    except (TypeError, ValueError) as error:  # a value of the wrong kind, deep in the builder
+        raise ConfigError(f"model {name!r} cannot be built with these overrides ({error})", source="--set",
+                          got=options) from error  # fmt: skip
+    return model.to(device).train(train)
 
 
-def _inference_run(name: str, input_shape: tuple[int, ...], device: str, repeats: int) -> float:
+def _inference_run(name: str, input_shape: tuple[int, ...], device: str, repeats: int, overrides: dict) -> float:
     """Build the model and time `repeats` no-grad forward passes (runs in the measuring child)."""
-    model = _build(name, device, train=False)
-    x = torch.randn(input_shape, device=device)
+    model, x = _build(name, device, False, overrides), torch.randn(input_shape, device=device)
     with torch.no_grad():
         return median_time(lambda: model(x), repeats=repeats, warmup=1)
 
 
-def _train_run(name: str, input_shape: tuple[int, ...], device: str, repeats: int) -> float:
+def _train_run(name: str, input_shape: tuple[int, ...], device: str, repeats: int, overrides: dict) -> float:
     """Build the model and time Adam training steps on a surrogate loss (runs in the measuring child)."""
-    model = _build(name, device, train=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(input_shape, device=device)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        _outputs_mean(model(x)).backward()
-        optimizer.step()
-
+    _, step = adam_step(_build(name, device, True, overrides), torch.randn(input_shape, device=device))
     return median_time(step, repeats=repeats, warmup=1)
 
 
@@ -230,36 +238,32 @@ def describe_model(
     )
 
 
-def measure_model(
-    name: str, input_shape: Sequence[int], *, batch_size: int = 1, device: str = "cpu", repeats: int = 3
-) -> ModelMeasurements:
-    """Measure model `name` at `input_shape` = `(C, *spatial)`: structure, peak memory and times.
+def measure_model(name: str, input_shape: Sequence[int], *, batch_size: int = 1, device: str = "cpu", repeats: int = 3,
+                  overrides: Mapping[str, Any] | None = None) -> ModelMeasurements:  # fmt: skip
+    """Measure model `name`, built with `overrides`, at `input_shape` = `(C, *spatial)`: structure, memory, times.
 
     Raises:
-        ConfigError: the channels or the number of spatial axes do not fit the model.
+        ConfigError: the channels or the number of spatial axes do not fit the model; an override is
+            unknown (`UnknownNameError`) or rejected by the builder.
     """
     spec = get_model_spec(name)
+    overrides = yaml_values(overrides)
+    model = _build(name, "cpu", False, overrides)
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    fits = (first.in_channels, len(first.kernel_size)) if first else (spec.in_channels, spec.spatial_dims)
     channels, *spatial = input_shape
-    if channels != spec.in_channels or len(spatial) != spec.spatial_dims:
-        raise ConfigError(
-            f"input size does not fit model {name!r}",
-            source="--input-size",
-            expected=f"{spec.in_channels} channels and {spec.spatial_dims} spatial sizes, e.g. "
-            f"{' '.join(map(str, (spec.in_channels, *spec.input_size)))}",
-            got=" ".join(map(str, input_shape)),
-        )
+    if (channels, len(spatial)) != fits:
+        raise ConfigError(f"input size does not fit model {name!r}", source="--input-size",
+                          expected=f"{fits[0]} channels and {fits[1]} spatial sizes, e.g. "
+                          f"{' '.join(map(str, (fits[0], *spec.input_size)))}", got=" ".join(map(str, input_shape)))  # fmt: skip
     full_shape = (batch_size, *input_shape)
-    structure = describe_model(_build(name, "cpu", train=False), name, full_shape, description=spec.description)
-    inference = run_measured(_inference_run, name, full_shape, device, repeats, device=device)
-    training = run_measured(_train_run, name, full_shape, device, repeats, device=device)
-    return replace(
-        structure,
-        inference_peak_mb=inference.peak_mb,
-        train_peak_mb=training.peak_mb,
-        inference_seconds=inference.value,
-        train_step_seconds=training.value,
-        device=device,
-    )
+    structure = describe_model(model, name, full_shape, description=spec.description)
+    inference = run_measured(_inference_run, name, full_shape, device, repeats, overrides, device=device)
+    training = run_measured(_train_run, name, full_shape, device, repeats, overrides, device=device)
+    memory = training_memory(_build(name, device, True, overrides), torch.randn(full_shape, device=device))
+    return replace(structure, inference_peak_mb=inference.peak_mb, train_peak_mb=training.peak_mb,
+                   inference_seconds=inference.value, train_step_seconds=training.value, device=device,
+                   overrides=overrides, memory=memory)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,9 +289,14 @@ def data_flow_lines(m: ModelMeasurements) -> list[str]:
     return lines
 
 
+def _overrides_text(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in overrides.items()) or "none (the registry's default build)"
+
+
 def _summary_rows(m: ModelMeasurements) -> list[tuple[str, str]]:
     return [
         ("Architecture", m.architecture),
+        *([] if m.overrides is None else [("Constructor overrides", _overrides_text(m.overrides))]),
         ("Input shape", str(list(m.input_shape))),
         ("Total parameters", f"{m.total_params:,}"),
         ("Trainable parameters", f"{m.trainable_params:,}"),
@@ -319,6 +328,8 @@ def _comparison_rows(models: Sequence[ModelMeasurements]) -> tuple[list[str], li
         ("Peak memory, training step (MB, measured)", lambda m: m.train_peak_mb, "{:.1f}"),
         ("Inference time (ms, median)", lambda m: m.inference_seconds * 1000, "{:.1f}"),
         ("Training step time (ms, median)", lambda m: m.train_step_seconds * 1000, "{:.1f}"),
+        ("Training memory, sum of the parts (MB)", lambda m: m.memory.total_mb, "{:.1f}"),
+        ("Activations saved for backward (MB)", lambda m: m.memory.activations_mb, "{:.1f}"),
     ]
     rows = [["Architecture", *(m.architecture for m in models)] + ([""] if len(models) == 2 else [])]
     for label, value, fmt in numeric:
@@ -355,6 +366,7 @@ def _sections(m: ModelMeasurements) -> list[tuple[str, str, tuple[list[str], lis
     """(title, preformatted text, table) triples shared by the Markdown and HTML renderers."""
     return [
         ("Summary", "", (["Quantity", "Value"], [list(r) for r in _summary_rows(m)])),
+        *(m.memory.sections() if m.memory else []),
         ("Parameter breakdown by stage", "", _breakdown_table(m.breakdown, m.total_params)),
         ("Parameter breakdown by component", "", _breakdown_table(m.grouped_breakdown, m.total_params)),
         ("Data-flow map", "\n".join(data_flow_lines(m)), None),
@@ -367,13 +379,23 @@ _NOTES = (
     "start-up baseline while it builds the model and runs the pass (so it includes the weights, and for training the "
     "gradients and Adam state); on CUDA, `torch.cuda.max_memory_allocated`. FLOPs count a multiply-add as 2 "
     "(convolutions and matrix products; element-wise work is not counted). The training step uses the mean of the "
-    "outputs as a surrogate loss."
+    "outputs as a surrogate loss. Training memory: weights (parameters and buffers), gradients and Adam's two moments "
+    f"follow from the parameters; {ACTIVATION_METHOD}."
 )
 
 
-def render_markdown(models: Sequence[ModelMeasurements], figures: dict[str, dict[str, str]]) -> str:
-    """The report as Markdown; `figures[model][kind]` are paths relative to the report."""
-    parts = ["# mednets model report", "", _NOTES, ""]
+def _header(models: Sequence[ModelMeasurements]) -> list[tuple[str, str]]:
+    """When, where and what was measured: ISO 8601 time with its zone, machine, device, overrides."""
+    overrides = "; ".join(f"{m.name}: {_overrides_text(m.overrides or {})}" for m in models)
+    return [("Generated", datetime.now().astimezone().isoformat(timespec="seconds")), ("Machine", machine_description()),
+            ("Device", ", ".join(sorted({m.device for m in models}))), ("Constructor overrides", overrides)]  # fmt: skip
+
+
+def render_markdown(models: Sequence[ModelMeasurements], figures: dict[str, dict[str, str]],
+                    header: list[tuple[str, str]] | None = None) -> str:  # fmt: skip
+    """The report as Markdown; `figures[model][kind]` are paths relative to the report; `header`: `_header`'s rows."""
+    parts = ["# mednets model report", "", *[f"- {key}: {value}" for key, value in header or _header(models)], ""]
+    parts += [_NOTES, ""]
     if len(models) > 1:
         parts += ["## Comparison", "", _md_table(*_comparison_rows(models)), ""]
     for m in models:
@@ -413,9 +435,11 @@ def render_html_sections(m: ModelMeasurements, images: dict[str, str]) -> str:
     return "".join(body)
 
 
-def render_html(models: Sequence[ModelMeasurements], images: dict[str, dict[str, str]]) -> str:
-    """The report as one self-contained HTML page; `images[model][kind]` are base64 PNGs."""
-    body = ["<h1>mednets model report</h1>", f"<p>{html.escape(_NOTES)}</p>"]
+def render_html(models: Sequence[ModelMeasurements], images: dict[str, dict[str, str]],
+                header: list[tuple[str, str]] | None = None) -> str:  # fmt: skip
+    """The report as one self-contained HTML page; `images[model][kind]` are base64 PNGs; `header`: `_header`'s rows."""
+    header_table = table(["Measured", ""], [list(row) for row in header or _header(models)])
+    body = ["<h1>mednets model report</h1>", header_table, f"<p>{html.escape(_NOTES)}</p>"]
     if len(models) > 1:
         body += ["<h2>Comparison</h2>", table(*_comparison_rows(models))]
     body += [render_html_sections(m, images[m.name]) for m in models]
@@ -438,8 +462,13 @@ def write_model_report(
     batch_size: int = 1,
     device: str = "cpu",
     repeats: int = 3,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Measure each model and write `report.md`, `report.html` and `figures/*.png` into `out_dir`.
+
+    Args:
+        overrides: constructor arguments of every model, `{"bilinear": "true"}`; strings are read as YAML
+            (`config.yaml_values`); an unknown key raises `UnknownNameError` before anything is measured.
 
     Returns:
         The paths written: report.md, report.html.
@@ -447,7 +476,11 @@ def write_model_report(
     if not names:
         raise ConfigError("no model given", source="report", expected="one or more registered model names")
     device = str(resolve_device(device, source="--device"))
-    models = [measure_model(n, input_shape, batch_size=batch_size, device=device, repeats=repeats) for n in names]
+    overrides = yaml_values(overrides)
+    for name in names:  # every model's overrides are checked before the first is measured
+        _options(name, overrides)
+    models = [measure_model(n, input_shape, batch_size=batch_size, device=device, repeats=repeats,
+                            overrides=overrides) for n in names]  # fmt: skip
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     paths: dict[str, dict[str, str]] = {}
@@ -459,6 +492,7 @@ def write_model_report(
             images[m.name][kind] = figure_to_base64(figure, out_dir / relative)
             paths[m.name][kind] = relative
     markdown, page = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(markdown, render_markdown(models, paths))
-    atomic_write_text(page, render_html(models, images))
+    header = _header(models)  # one time stamp for both files
+    atomic_write_text(markdown, render_markdown(models, paths, header))
+    atomic_write_text(page, render_html(models, images, header))
     return [markdown, page]

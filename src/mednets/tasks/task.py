@@ -89,6 +89,24 @@ class Task:
         """The decision of one image (batch of one) from its averaged `probabilities`."""
         raise NotImplementedError
 
+    def check_head(self, out_channels: int) -> None:
+        """Refuse a model whose `out_channels` outputs do not fit the labels (before any training step).
+
+        Raises:
+            ConfigError: naming `model.overrides.out_channels`, with the sizes that fit.
+        """
+        if self.out_channels is not None and out_channels not in self.head_sizes():
+            raise ConfigError("the model's outputs do not fit the dataset's labels", source="model.overrides.out_channels",
+                              expected=f"one of {self.head_sizes()} ({self.head_meaning()})", got=out_channels)  # fmt: skip
+
+    def head_sizes(self) -> list[int]:
+        """The output channel counts that fit the labels; the first is the default (`out_channels`)."""
+        return [] if self.out_channels is None else [self.out_channels]
+
+    def head_meaning(self) -> str:
+        """What the accepted head sizes mean, for error messages."""
+        return "one output per structure"
+
     def sidecar_entries(
         self, decoded: Decoded, structures: Mapping[str, int], volumes_ml: Mapping[str, float], *, gating: bool
     ) -> dict[str, dict[str, Any]]:
@@ -124,6 +142,12 @@ class SegmentationTask(Task):
     Models that return `{"logits", "aux_logits"}` in training get deep supervision; a plain logits
     tensor gets the main term only (`DeepSupervisionLoss` covers both).
 
+    Binary segmentation: with one structure (labels background 0 and one structure 1), a model built
+    with `out_channels: 1` (`model.overrides`) has a binary head, logits `[B, 1, *S]`: it trains with
+    sigmoid BCE + Dice, and a voxel is the structure where its sigmoid exceeds 0.5 (logit > 0). The
+    head's size decides it (the trained weights carry it), so training, validation and prediction
+    agree without another switch; for prediction the sigmoid becomes the two scores `(1 - p, p)`.
+
     Args:
         num_classes: classes including background.
         deep_supervision_weights: weights of the auxiliary levels, finest first (see `DeepSupervisionLoss`).
@@ -136,9 +160,20 @@ class SegmentationTask(Task):
         self.out_channels = num_classes
         self.criterion = DeepSupervisionLoss(aux_weights=deep_supervision_weights)
 
+    def head_sizes(self) -> list[int]:
+        return [self.num_classes, 1] if self.num_classes == 2 else [self.num_classes]
+
+    def head_meaning(self) -> str:
+        binary = "; 1 is a sigmoid head for a dataset of one structure" if self.num_classes == 2 else ""
+        return f"one softmax output per label, background included{binary}"
+
     def probabilities(self, outputs: Any) -> dict[str, torch.Tensor]:
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
-        return {"scores": torch.softmax(logits.float(), 1)}
+        """`scores` `[B, K+1, *S]`: the softmax, or `(1 - p, p)` of a binary head's sigmoid `p`."""
+        logits = (outputs["logits"] if isinstance(outputs, Mapping) else outputs).float()
+        if logits.shape[1] == 1:
+            foreground = torch.sigmoid(logits)
+            return {"scores": torch.cat([1 - foreground, foreground], 1)}
+        return {"scores": torch.softmax(logits, 1)}
 
     def decode(self, probabilities: Mapping[str, torch.Tensor], *, model: Any, gating: bool) -> Decoded:
         return Decoded(scores=probabilities["scores"][0])
@@ -148,7 +183,8 @@ class SegmentationTask(Task):
 
     def predict(self, outputs: Any) -> dict[str, torch.Tensor]:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
-        labels = logits.argmax(1)
+        # A binary head paints where its sigmoid exceeds 0.5 (logit > 0), as the argmax of (1 - p, p) in `decode`.
+        labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
         present = _voxels_per_class(labels, self.num_classes) > 0
         return {"labels": labels, "presence_probs": present.float()}
 
