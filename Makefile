@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev,export]"
+	# A real JPEG-compressed SVS for the whole-slide tests (tests/conftest.py): openslide-python's source
+	# distribution ships it in tests/fixtures; fetched from the package registry, never committed here.
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: openslide-python==1.4.7 -d $(VENV)/test-data
 	touch $(STAMP)
 
 # The demo: phantoms -> train SADAAn (11 min) -> predict -> evaluate -> runs/demo/report.html (~15 min on 2 cores).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,21 @@ def real_ct(shared_dir: Path) -> Path:
     if not (path / "example_ct_sm.nii.gz").is_file():
         pytest.skip(f"{path} lacks the real CT files (see ../shared/data/README.md)")
     return path
+
+
+# openslide-python's source distribution, fetched by `make` (the Makefile's install step) from PyPI.
+SLIDE_SDIST = Path(sys.prefix) / "test-data" / "openslide_python-1.4.7.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def real_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with `small.svs` (a real 16x16 JPEG crop of OpenSlide's CMU-1 slide, Aperio SVS, AppMag 20,
+    MPP 0.499) and `unreadable.svs` (its tile's JPEG header broken), from openslide-python 1.4.7's sdist."""
+    if not SLIDE_SDIST.is_file():
+        pytest.skip(f"{SLIDE_SDIST} is missing: `make test` fetches it (pip download openslide-python==1.4.7)")
+    folder = tmp_path_factory.mktemp("real_slides")
+    with tarfile.open(SLIDE_SDIST) as archive:
+        for name in ("small.svs", "unreadable.svs"):
+            member = archive.getmember(f"openslide_python-1.4.7/tests/fixtures/{name}")
+            (folder / name).write_bytes(archive.extractfile(member).read())
+    return folder
