@@ -37,7 +37,9 @@ def main() -> None:
                 sources["working tree"] = ROOT / "src"
                 continue
             tree = Path(scratch) / revision
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), revision], check=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), revision], check=True
+            )
             sources[revision] = tree / "src"
         try:
             times: dict[str, list[float]] = {name: [] for name in sources}

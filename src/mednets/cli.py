@@ -95,12 +95,22 @@ def report_command(
         str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
     ] = "auto",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per measurement (median).")] = 3,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Constructor argument of the model(s), read as YAML (repeatable), e.g. --set bilinear=true.",
+        ),
+    ] = None,
 ) -> None:
     """Write the measured model report (layer table, parameters, FLOPs, peak memory, data-flow map)."""
+    from mednets.config import parse_assignments
     from mednets.reports.model_report import write_model_report
 
     shape = parse_numbers(input_size, "--input-size", counts=(3, 4))
-    paths = write_model_report(models, shape, out, batch_size=batch_size, device=device, repeats=repeats)
+    paths = write_model_report(models, shape, out, batch_size=batch_size, device=device, repeats=repeats,
+                               overrides=parse_assignments(sets or []))  # fmt: skip
     for path in paths:
         console.print(f"wrote {path}")
 

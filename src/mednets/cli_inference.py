@@ -132,7 +132,9 @@ def predict_command(
 
 
 def denoise_command(
-    source: Annotated[Path, typer.Option("--input", help="Image file (PNG, JPEG, TIFF, SVS) or folder of images.")],
+    source: Annotated[
+        Path, typer.Option("--input", help="Image or whole-slide file (PNG, JPEG, TIFF, SVS) or folder of them.")
+    ],
     target: Annotated[Path, typer.Option("--out", help="Output file (for one input file) or folder.")],
     run: Annotated[Path, typer.Option("--run", help="Denoising run folder made by `mednets train`.")],
     patch_size: Annotated[int, typer.Option("--patch-size", min=16, help="Window side in pixels.")] = 256,
@@ -151,10 +153,30 @@ def denoise_command(
             "other stains (mean-preserving noise such as gaussian, Poisson and blur).",
         ),
     ] = False,
+    level: Annotated[
+        int | None, typer.Option("--level", min=0, help="Whole slides: the pyramid level to denoise (0: full size).")
+    ] = None,
+    magnification: Annotated[
+        float | None,
+        typer.Option("--magnification", help="Whole slides: the level at this objective power, e.g. 20 (within 10%)."),
+    ] = None,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="Whole slides: the level at this many microns per pixel (within 10%).")
+    ] = None,
+    compression: Annotated[
+        str | None,
+        typer.Option(
+            "--compression", help="Whole slides' tiles: jpeg, jpeg2000, deflate or none (default: the source's)."
+        ),
+    ] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Denoise images of any size with overlapping, seamlessly blended windows; same format and bit depth out."""
+    """Denoise images of any size with overlapping, seamlessly blended windows; same format and bit depth out.
+
+    Whole-slide images (SVS, tiled TIFF) are streamed tile by tile at the chosen level into a tiled
+    pyramidal TIFF, memory bounded whatever the slide's size.
+    """
     from mednets.engine.denoise import denoise_paths, load_denoiser
     from mednets.engine.run import RunFolder
 
@@ -162,6 +184,11 @@ def denoise_command(
         raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
     model = load_denoiser(run, checkpoint=checkpoint, device=device)
     multiple = RunFolder(run).spec(checkpoint).size_multiple
-    result = denoise_paths(model, source, target, patch_size=patch_size, overlap=overlap, batch_size=batch_size,
-                           size_multiple=multiple, precision=precision, keep_mean_colour=keep_mean_colour)  # fmt: skip
+    if compression not in (None, "jpeg", "jpeg2000", "deflate", "none"):
+        raise ConfigError("invalid value", source="--compression", expected="jpeg, jpeg2000, deflate or none",
+                          got=compression)  # fmt: skip
+    result = denoise_paths(model, source, target, progress=not (quiet or as_json), level=level,
+                           magnification=magnification, mpp=mpp, compression=compression, patch_size=patch_size,
+                           overlap=overlap, batch_size=batch_size, size_multiple=multiple, precision=precision,
+                           keep_mean_colour=keep_mean_colour)  # fmt: skip
     report_batch(result, quiet=quiet, as_json=as_json)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from mednets.config import load_config
+from mednets.engine.api import load_run, predict_paths
 from mednets.engine.denoise import denoise_paths
-from mednets.engine.inference import load_run, predict_paths
 from mednets.engine.training import run_training
 from mednets.errors import ConfigError, InvalidInputError
 
@@ -103,30 +103,32 @@ def test_a_full_disk_or_read_only_output_loses_one_case_whole_and_the_others_go_
 ) -> None:
     from types import SimpleNamespace
 
+    from mednets.data.io import InputCase
     from mednets.data.volume import Volume
-    from mednets.engine import inference
+    from mednets.engine import api, inference, outputs
 
     scans = [_scan(tmp_path / "in" / f"case{i}.nii.gz") for i in range(3)]
-    monkeypatch.setattr(inference, "read_any", lambda path: Volume(np.zeros((4, 4, 4), np.int16)))
-    monkeypatch.setattr(inference, "predict_image",
+    monkeypatch.setattr(InputCase, "read", lambda case: Volume(np.zeros((4, 4, 4), np.int16)))
+    monkeypatch.setattr(api, "predict_image",
                         lambda run, volume, **_: inference.Prediction(np.ones((4, 4, 4), np.uint8), {"liver": {}}))  # fmt: skip
-    write_text = inference.atomic_write_text
+    write_text = outputs.atomic_write_text
 
     def disk_full_for_case1(path: Path, text: str) -> Path:
         if Path(path).name == "case1.json":
             raise OSError(errno, reason, str(path))
         return write_text(path, text)
 
-    monkeypatch.setattr(inference, "atomic_write_text", disk_full_for_case1)
-    run = SimpleNamespace(
-        spec=SimpleNamespace(name="toy"), run_dir=tmp_path, preprocessing=SimpleNamespace(orientation=None)
-    )
+    monkeypatch.setattr(outputs, "atomic_write_text", disk_full_for_case1)
+    run = SimpleNamespace(spec=SimpleNamespace(name="toy"), run_dir=tmp_path, structures={"liver": 1},
+                          preprocessing=SimpleNamespace(orientation=None))  # fmt: skip
     result = predict_paths(run, scans, tmp_path / "out", progress=False)  # type: ignore[arg-type]
     assert [p.name for p in result["written"]] == ["case0.nii.gz", "case2.nii.gz"]
     assert len(result["failed"]) == 1 and result["failed"][0][1].startswith(f"{scans[1]}: {reason}")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # case1's label map and colours are gone
+        "case0.ctbl",
         "case0.json",
         "case0.nii.gz",
+        "case2.ctbl",
         "case2.json",
         "case2.nii.gz",
     ]

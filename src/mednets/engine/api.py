@@ -173,7 +173,8 @@ def predict_paths(
     from tqdm.auto import tqdm
 
     outputs = outputs or OutputOptions()
-    select_structures(run.structures, outputs.roi_subset)  # an unknown name stops the run before any work
+    if outputs.roi_subset:  # an unknown name stops the run before any work
+        select_structures(run.structures, outputs.roi_subset)
     missing = [str(path) for path in map(Path, inputs) if not path.exists()]
     if missing:  # a mistyped path is the user's to fix before anything runs, not a failed case
         raise InvalidInputError("input not found", source=", ".join(missing), expected="an existing file or folder")
