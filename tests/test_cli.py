@@ -76,3 +76,10 @@ def test_version_and_short_help(capsys) -> None:
     assert capsys.readouterr().out.strip() == f"mednets {__version__}"
     assert main(["-h"]) == 0 and "Usage: mednets" in capsys.readouterr().out
     assert main(["predict", "-h"]) == 0 and "--input" in capsys.readouterr().out
+
+
+def test_report_takes_constructor_overrides_and_refuses_unknown_ones(capsys, tmp_path: Path) -> None:
+    code = main(["report", "unet", "--set", "nonsense=1", "--input-size", "3", "64", "64", "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == 2 and "nonsense" in error and "bilinear" in error and len(error.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,22 @@ def test_denoise_command_writes_each_image_in_its_format(denoising_run: Path, tm
     assert Image.open(tmp_path / "out" / "b.jpg").format == "JPEG"
     pages = tifffile.imread(tmp_path / "out" / "c.tif")
     assert pages.shape == (2, 40, 40) and pages.dtype == np.uint16
+
+
+def test_denoise_command_streams_a_real_slide_at_its_magnification(
+    denoising_run: Path, real_slides: Path, tmp_path: Path, capsys
+) -> None:
+    from mednets.data.wsi import open_slide
+
+    code = main(["denoise", "--run", str(denoising_run), "--input", str(real_slides / "small.svs"), "--out",
+                 str(tmp_path / "out"), "--patch-size", "16", "--magnification", "20", "--json"])  # fmt: skip
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["written"] == [str(tmp_path / "out" / "small.tif")] and record["failed"] == []
+    with open_slide(tmp_path / "out" / "small.tif") as slide:
+        assert slide.levels[0].shape == (16, 16) and slide.levels[0].magnification == pytest.approx(20)
+    code = main(["denoise", "--run", str(denoising_run), "--input", str(real_slides / "small.svs"), "--out",
+                 str(tmp_path / "x"), "--magnification", "5"])  # fmt: skip
+    assert code == 1 and "20" in capsys.readouterr().err  # no 5x level: the error lists the levels it has
 
 
 def test_denoise_command_keeps_the_mean_colour_when_asked(denoising_run: Path, tmp_path: Path) -> None:
