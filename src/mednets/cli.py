@@ -6,6 +6,7 @@ expected, and exit with code 2; `mednets --debug COMMAND ...` shows the tracebac
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mednets.cli_inference import denoise_command, predict_command
+from mednets.cli_inference import AsJson, Quiet, denoise_command, predict_command
 from mednets.cli_options import join_multi_value_options, parse_numbers, readable_metavars
 from mednets.errors import ConfigError, MednetsError
 
@@ -246,6 +247,8 @@ def evaluate_command(
     truth: Annotated[Path, typer.Option("--truth", help="Folder of reference <case>.nii.gz, or a dataset folder.")],
     out: Annotated[Path | None, typer.Option("--out", help="Write <out>.csv and <out>.json.")] = None,
     nsd_tolerance_mm: Annotated[float, typer.Option("--nsd-tolerance", help="NSD boundary tolerance in mm.")] = 2.0,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
     """Score predictions: Dice, HD95, NSD on present organs; presence metrics; false-positive mL on absent organs."""
     from mednets.atomic import check_not_inputs
@@ -255,15 +258,20 @@ def evaluate_command(
         stem = out.with_suffix("") if out.suffix in (".csv", ".json") else out
         check_not_inputs([stem.with_suffix(".csv"), stem.with_suffix(".json")], [pred, truth], "--out")
     evaluation = evaluate_folders(pred, truth, nsd_tolerance_mm=nsd_tolerance_mm)
+    written = write_evaluation(evaluation, out) if out is not None else []
+    if as_json:
+        print(json.dumps({"summary": evaluation.summary, "written": [str(p) for p in written]}, indent=2))
+        return
+    if quiet:
+        return
     table = Table(title=f"evaluation of {pred}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for label, value in format_summary(evaluation.summary):
         table.add_row(label, value)
     console.print(table)
-    if out is not None:
-        for path in write_evaluation(evaluation, out):
-            console.print(f"wrote {path}")
+    for path in written:
+        console.print(f"wrote {path}")
 
 
 app.command("predict")(predict_command)

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from mednets.errors import ConfigError
 
-__all__ = ["denoise_command", "predict_command"]
+__all__ = ["AsJson", "Quiet", "denoise_command", "predict_command", "report_batch"]
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (no progress, no list of files).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]

@@ -84,6 +84,15 @@ def test_cli_writes_csv_and_json(
     assert len(data["rows"]) == 2 * 13 and (tmp_path / "scores.csv").read_text().startswith("case,structure,")
 
 
+def test_cli_json_prints_the_summary_only(folders: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    pred, truth = folders
+    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["summary"]["cases"] == 2 and record["written"] == []
+    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_no_common_case_is_a_clear_error(tmp_path: Path, folders: tuple[Path, Path]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

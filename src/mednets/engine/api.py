@@ -25,7 +25,7 @@ import numpy as np
 
 from mednets.data.io import InputCase, list_cases
 from mednets.data.volume import Volume, affine_from_itk
-from mednets.engine.inference import LoadedRun, _StageClock, check_output_folder, check_outputs, load_run, predict_image
+from mednets.engine.inference import LoadedRun, StageClock, check_output_folder, check_outputs, load_run, predict_image
 from mednets.engine.outputs import OutputOptions, planned_files, select_structures, write_case
 from mednets.engine.statistics import structure_statistics
 from mednets.errors import InvalidInputError, MednetsError, failure_message
@@ -121,7 +121,7 @@ def predict_case(
         keep[list(kept.values())] = True
         labels = np.where(keep[labels], labels, 0).astype(labels.dtype)
     table = {name: prediction.structures[name] for name in kept}
-    clock = _StageClock()
+    clock = StageClock()
     statistics = None
     if outputs.statistics:
         statistics = structure_statistics(labels, volume.array, kept, volume.spacing, table)
@@ -192,7 +192,7 @@ def predict_paths(
     result: dict[str, list[Any]] = {"written": [], "failed": [], "cases": []}
     for case in tqdm(cases, desc="predicting", unit="case", disable=not progress):
         try:
-            reading = _StageClock()
+            reading = StageClock()
             volume = case.read()
             reading.lap("read")
             prediction = predict_case(run, volume, case.name, outputs=outputs, **options)

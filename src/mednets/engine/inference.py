@@ -48,6 +48,7 @@ from mednets.tasks.decoding import labels_from_logits
 __all__ = [
     "LoadedRun",
     "Prediction",
+    "StageClock",
     "check_outputs",
     "check_output_folder",
     "drop_small_structures",
@@ -109,7 +110,7 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
     )
 
 
-class _StageClock:
+class StageClock:
     """Wall time per named stage: `lap(name)` closes the stage that ran since the previous lap."""
 
     def __init__(self) -> None:
@@ -240,7 +241,7 @@ def predict_image(
                   min_volume_fraction=min_volume_fraction)  # fmt: skip
     settings = replace(run.inference, **{key: value for key, value in chosen.items() if value is not None})
     prep = run.preprocessing
-    clock = _StageClock()
+    clock = StageClock()
     oriented, image = _prepared(run, volume)
     clock.lap("preprocess")
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
