@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
 from mednets.config import load_config
 from mednets.data.convert import write_image_dataset
@@ -132,3 +133,15 @@ def test_binary_run_exports_its_one_logit_channel(binary_2d: tuple[Path, Path], 
     path = export_run(binary_2d[0], tmp_path / "binary.onnx")
     record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
     assert record["outputs"]["logits"][1] == 1
+
+
+def test_the_api_on_a_2d_array_writes_a_png_label_map(binary_2d: tuple[Path, Path], tmp_path: Path) -> None:
+    import mednets
+
+    run_dir, test = binary_2d
+    image = tifffile.imread(sorted((test / "imagesTr").iterdir())[0])
+    case = mednets.predict(image, run=run_dir, device="cpu", spacing=(0.5, 0.5), out=tmp_path, name="cells",
+                           precision="fp32")  # fmt: skip
+    assert [p.name for p in case.files] == ["cells.png", "cells.ctbl", "cells.statistics.json", "cells.statistics.csv", "cells.json"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cells.png")), case.labels.array)
+    assert case.statistics["nucleus"]["volume_ml"] == pytest.approx(case.labels.array.sum() * 0.25 / 1000)

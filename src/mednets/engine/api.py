@@ -234,7 +234,7 @@ def predict(
         spacing, affine: the geometry of an array input (one of them is required for arrays).
         out: a folder to write the case files into (`mednets.engine.outputs`); None writes nothing.
         output_format, split_masks, statistics, roi_subset: as the CLI's `--format`, `--split-masks`,
-            `--statistics`, `--roi-subset`; statistics are computed (not written) unless turned off.
+            `--statistics`, `--roi-subset`; statistics are computed unless turned off (and written with `out`).
         series_uid: for a folder of several DICOM series, the one to predict.
         name: the case name of an in-memory image (its output file stem).
         **options: inference settings (`tta`, `overlap`, `gating`, `precision`, ...; `predict_image`).
@@ -261,7 +261,8 @@ def predict(
     volume = as_volume(image, spacing=spacing, affine=affine)
     case = predict_case(loaded, volume, name, outputs=outputs, **options)
     if out is not None:
-        files = planned_files(Path(f"{name}.nii.gz"), name, Path(out), outputs)
+        stand_in = Path(f"{name}.png" if len(volume.spatial_shape) == 2 else f"{name}.nii.gz")  # its file type
+        files = planned_files(stand_in, name, Path(out), outputs)
         check_output_folder(Path(out))
         _write(loaded, case, volume, files, outputs)
     return case
