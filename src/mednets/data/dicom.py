@@ -20,7 +20,7 @@ import numpy as np
 from mednets.data.volume import RAS_TO_LPS, Volume, affine_from_itk, itk_geometry, volume_file_array
 from mednets.errors import InvalidInputError
 
-__all__ = ["find_dicom_series", "read_dicom_series", "software_version", "write_dicom_series"]
+__all__ = ["find_dicom_series", "read_dicom_series", "read_headers", "software_version", "write_dicom_series"]
 
 # DICOM series written by `write_dicom_series`: one file per slice with this name, and this
 # SoftwareVersions (0018,1020) prefix. Both must match before an existing folder is replaced, so a
@@ -110,8 +110,12 @@ def find_dicom_series(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
     return sorted(found, key=lambda item: (str(item[0]), item[1]))
 
 
-def _slice_geometry(files: list[str], folder: Path) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
-    """Headers, orientation rows/cols, pixel spacing and positions of the slices (LPS)."""
+def read_headers(files: list[str]) -> list[Any]:
+    """The DICOM headers of `files` (pixels not read).
+
+    Raises:
+        InvalidInputError: a file is not readable DICOM, naming it.
+    """
     import pydicom
 
     headers = []
@@ -120,6 +124,12 @@ def _slice_geometry(files: list[str], folder: Path) -> tuple[list[Any], np.ndarr
             headers.append(pydicom.dcmread(name, stop_before_pixels=True))
         except Exception as error:
             raise InvalidInputError(f"cannot read DICOM header: {error}", source=name) from error
+    return headers
+
+
+def _slice_geometry(files: list[str], folder: Path) -> tuple[list[Any], np.ndarray, np.ndarray, np.ndarray]:
+    """Headers, orientation rows/cols, pixel spacing and positions of the slices (LPS)."""
+    headers = read_headers(files)
     try:
         orientation = np.asarray([float(v) for v in headers[0].ImageOrientationPatient]).reshape(2, 3)
         positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])

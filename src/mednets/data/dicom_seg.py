@@ -16,7 +16,7 @@ import numpy as np
 
 from mednets.anatomy import Segment
 from mednets.atomic import atomic_path
-from mednets.data.dicom import software_version
+from mednets.data.dicom import read_headers, software_version
 from mednets.data.volume import RAS_TO_LPS, Volume
 from mednets.errors import InvalidInputError
 
@@ -35,14 +35,7 @@ def source_slices(labels: Volume, files: list[str]) -> list[Any]:
     Raises:
         InvalidInputError: a slice cannot be read, or the files and the label map's slices disagree.
     """
-    import pydicom
-
-    headers = []
-    for name in files:
-        try:
-            headers.append(pydicom.dcmread(name, stop_before_pixels=True))
-        except Exception as error:
-            raise InvalidInputError(f"cannot read DICOM header: {error}", source=name) from error
+    headers = read_headers(files)
     positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
     lps = RAS_TO_LPS @ labels.affine
     wanted = np.stack([(lps @ [0.0, 0.0, k, 1.0])[:3] for k in range(labels.array.shape[0])])
