@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mednets.cli_inference import AsJson, Quiet, denoise_command, predict_command
+from mednets.cli_inference import AsJson, Checkpoint, Device, Quiet, denoise_command, predict_command
 from mednets.cli_options import join_multi_value_options, parse_numbers, readable_metavars
 from mednets.errors import ConfigError, MednetsError
 
@@ -92,9 +92,7 @@ def report_command(
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.html and figures.")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measured passes.")] = 1,
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
+    device: Device = "auto",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per measurement (median).")] = 3,
     sets: Annotated[
         list[str] | None,
@@ -354,7 +352,7 @@ def export_command(
     ],
     run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train` (segmentation or denoising).")],
     export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    checkpoint: Checkpoint = "best",
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset version (default 17).")] = None,
     tolerance: Annotated[
         float | None,

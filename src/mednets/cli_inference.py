@@ -16,11 +16,12 @@ from rich.console import Console
 
 from mednets.errors import ConfigError
 
-__all__ = ["AsJson", "Quiet", "denoise_command", "predict_command", "report_batch"]
+__all__ = ["AsJson", "Checkpoint", "Device", "Quiet", "denoise_command", "predict_command", "report_batch"]
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (no progress, no list of files).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
 Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present), cpu, cuda, cuda:N or mps.")]
+Checkpoint = Annotated[str, typer.Option("--checkpoint", help="best or last.")]
 
 
 def report_batch(result: dict[str, list], *, quiet: bool = False, as_json: bool = False, extra: Any = None) -> None:
@@ -82,7 +83,7 @@ def predict_command(
         float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap, a fraction.")
     ] = None,
     gating: Annotated[bool | None, typer.Option("--gating/--no-gating", help="Empty organs judged absent.")] = None,
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    checkpoint: Checkpoint = "best",
     device: Device = "auto",
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Sliding windows per forward pass.")
@@ -143,7 +144,7 @@ def denoise_command(
     ] = 0.25,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 4,
     precision: Annotated[str, typer.Option("--precision", help="bf16 (autocast) or fp32.")] = "bf16",
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    checkpoint: Checkpoint = "best",
     device: Device = "auto",
     keep_mean_colour: Annotated[
         bool,

@@ -142,6 +142,12 @@ def test_the_api_on_a_2d_array_writes_a_png_label_map(binary_2d: tuple[Path, Pat
     image = tifffile.imread(sorted((test / "imagesTr").iterdir())[0])
     case = mednets.predict(image, run=run_dir, device="cpu", spacing=(0.5, 0.5), out=tmp_path, name="cells",
                            precision="fp32")  # fmt: skip
-    assert [p.name for p in case.files] == ["cells.png", "cells.ctbl", "cells.statistics.json", "cells.statistics.csv", "cells.json"]
+    assert [p.name for p in case.files] == [
+        "cells.png",
+        "cells.ctbl",
+        "cells.statistics.json",
+        "cells.statistics.csv",
+        "cells.json",
+    ]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cells.png")), case.labels.array)
     assert case.statistics["nucleus"]["volume_ml"] == pytest.approx(case.labels.array.sum() * 0.25 / 1000)

@@ -94,11 +94,12 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     sources = source_slices(labels, source_files)
-    present = [segment for segment in segments if np.any(labels.array == segment.label)]
+    counts = np.bincount(labels.array.ravel(), minlength=max(s.label for s in segments) + 1)  # one pass
+    present = [segment for segment in segments if counts[segment.label] > 0]
     if not present:
         return []
-    # Segment numbers run 1..N over the written segments, whatever the label ids.
-    lookup = np.zeros(int(max(int(labels.array.max()), max(s.label for s in segments))) + 1, dtype=np.uint8)
+    # Segment numbers run 1..N over the written segments, whatever the label ids; other ids are background.
+    lookup = np.zeros(len(counts), dtype=np.uint8)
     for number, segment in enumerate(present, start=1):
         lookup[segment.label] = number
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=codes.DCM.ArtificialIntelligence,

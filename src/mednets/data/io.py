@@ -13,6 +13,7 @@ written into a temporary sibling folder that is then renamed into place.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,7 +298,7 @@ def list_cases(paths: Sequence[str | os.PathLike[str]], *, series_uid: str | Non
             cases.extend(InputCase(path, case_name(path)) for path in files)
             continue
         series = find_dicom_series(item)
-        per_folder = {folder: sum(1 for f, _ in series if f == folder) for folder, _ in series}
+        per_folder = Counter(folder for folder, _ in series)  # series per folder: several are named by UID
         if series_uid is not None:
             series = [(folder, uid) for folder, uid in series if uid == series_uid]
         if not series:  # its reader reports what is wrong with it

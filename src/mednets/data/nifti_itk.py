@@ -23,7 +23,7 @@ from mednets.data.volume import (
     Volume,
     affine_from_itk,
     check_voxel_count,
-    itk_geometry,
+    itk_image,
     volume_file_array,
 )
 from mednets.errors import InvalidInputError
@@ -280,9 +280,4 @@ def write_metaimage(volume: Volume, path: Path) -> None:
 def _write_sitk(array: np.ndarray, affine: np.ndarray, path: Path, *, compress: bool) -> None:
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    spacing, origin, direction = itk_geometry(affine)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    sitk.WriteImage(image, str(path), useCompression=compress)
+    sitk.WriteImage(itk_image(array, affine), str(path), useCompression=compress)

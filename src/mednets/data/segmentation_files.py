@@ -22,7 +22,7 @@ import numpy as np
 from mednets.anatomy import Segment
 from mednets.atomic import atomic_path, atomic_write_text
 from mednets.data.io import write_volume
-from mednets.data.volume import Volume, affine_from_itk, itk_geometry, volume_file_array
+from mednets.data.volume import Volume, affine_from_itk, itk_image, volume_file_array
 from mednets.errors import InvalidInputError
 
 __all__ = ["read_seg_nrrd", "terminology_entry", "write_colour_table", "write_seg_nrrd", "write_split_masks"]
@@ -59,11 +59,7 @@ def write_seg_nrrd(labels: Volume, segments: list[Segment], path: str | os.PathL
 
     path = Path(path)
     array = volume_file_array(labels, path).astype(np.uint8)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    spacing, origin, direction = itk_geometry(labels.affine)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
+    image = itk_image(array, labels.affine)
     fields = {
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",

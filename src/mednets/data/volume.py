@@ -30,7 +30,7 @@ import numpy as np
 
 from mednets.errors import InvalidInputError
 
-__all__ = ["GZIP_MAX_RATIO", "RAS_TO_LPS", "Volume", "affine_from_itk", "check_voxel_count", "itk_geometry",
+__all__ = ["GZIP_MAX_RATIO", "RAS_TO_LPS", "Volume", "affine_from_itk", "check_voxel_count", "itk_geometry", "itk_image",
            "max_voxels", "volume_file_array"]  # fmt: skip
 
 # The most voxels a header may claim (2**31: about 8 GiB of float32) unless MEDNETS_MAX_VOXELS says otherwise.
@@ -123,6 +123,18 @@ def itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ..
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / spacing[None, :]
     return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.ravel().tolist())
+
+
+def itk_image(array: np.ndarray, affine: np.ndarray) -> Any:
+    """A 3D SimpleITK image of `array` ``[D, H, W]`` with the LPS geometry of the RAS+ `affine` (`itk_geometry`)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    spacing, origin, direction = itk_geometry(affine)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
 
 
 def volume_file_array(volume: Volume, path: Path) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mednets.data.io import InputCase, list_cases
-from mednets.data.volume import Volume, affine_from_itk
+from mednets.data.volume import Volume, affine_from_itk, itk_image
 from mednets.engine.inference import LoadedRun, StageClock, check_output_folder, check_outputs, load_run, predict_image
 from mednets.engine.outputs import OutputOptions, planned_files, select_structures, write_case
 from mednets.engine.statistics import structure_statistics
@@ -62,16 +62,7 @@ class CasePrediction:
 
     def to_simpleitk(self) -> Any:
         """The label map as a `SimpleITK.Image` (LPS geometry)."""
-        import SimpleITK as sitk
-
-        from mednets.data.volume import itk_geometry
-
-        image = sitk.GetImageFromArray(np.ascontiguousarray(self.labels.array))
-        spacing, origin, direction = itk_geometry(self.labels.affine)
-        image.SetSpacing(spacing)
-        image.SetOrigin(origin)
-        image.SetDirection(direction)
-        return image
+        return itk_image(self.labels.array, self.labels.affine)
 
 
 def as_volume(image: Any, *, spacing: Sequence[float] | None = None, affine: np.ndarray | None = None) -> Volume:
@@ -145,7 +136,7 @@ def _write(
     run: LoadedRun, case: CasePrediction, volume: Volume, files: dict[str, Path], outputs: OutputOptions
 ) -> None:
     """Write the case's files; its `seconds` gains the write time (the sidecar holds the same dict)."""
-    kept = select_structures(run.structures, outputs.roi_subset)
+    kept = {name: run.structures[name] for name in case.structures}  # the structures `predict_case` kept
     case.files = write_case(case.labels, kept, files, outputs, _sidecar(run, case, volume), statistics=case.statistics,
                             source_meta=volume.meta, model_name=run.spec.name)  # fmt: skip
 
@@ -248,8 +239,6 @@ def predict(
     """
     loaded = run if isinstance(run, LoadedRun) else load_run(run, checkpoint=checkpoint, device=device)
     outputs = OutputOptions(output_format, split_masks, statistics, tuple(roi_subset) if roi_subset else None)
-    many = isinstance(image, list | tuple) or (isinstance(image, str | os.PathLike) and Path(image).is_dir()
-                                               and len(list_cases([image], series_uid=series_uid)) != 1)  # fmt: skip
     if isinstance(image, str | os.PathLike | list | tuple):
         paths = list(image) if isinstance(image, list | tuple) else [image]
         result = predict_paths(loaded, paths, out, outputs=outputs, series_uid=series_uid, progress=False, **options)
@@ -257,6 +246,7 @@ def predict(
             raise InvalidInputError("; ".join(message for _, message in result["failed"]), source="predict",
                                     got=f"{len(result['failed'])} of {len(result['failed']) + len(result['cases'])} "
                                     "inputs failed")  # fmt: skip
+        many = isinstance(image, list | tuple) or (Path(image).is_dir() and len(result["cases"]) != 1)
         return result["cases"] if many else result["cases"][0]
     volume = as_volume(image, spacing=spacing, affine=affine)
     case = predict_case(loaded, volume, name, outputs=outputs, **options)

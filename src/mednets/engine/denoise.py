@@ -90,12 +90,17 @@ def denoise_array(
             unchanged, so this removes a colour cast the model learned from its training stains
             (benchmarks/RESULTS.md); noise that moves the mean (dense salt-and-pepper) keeps that shift.
     """
-    network = (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
+    network = _network(model, keep_mean_colour)
     rgb = rgb.to(next(model.parameters()).device)
     out = sliding_window(network, rgb, (patch_size, patch_size), overlap=overlap, weights="seamless",
                          size_multiple=size_multiple, batch_size=batch_size, precision=precision,
                          accumulate_device=rgb.device)  # fmt: skip
     return out.clamp(0.0, 1.0)
+
+
+def _network(model: nn.Module, keep_mean_colour: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the windows run: the model, or the model with each tile's input mean colour (`with_input_mean_colour`)."""
+    return (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
 
 
 def with_input_mean_colour(model: Callable[[torch.Tensor], torch.Tensor], tiles: torch.Tensor) -> torch.Tensor:
@@ -216,7 +221,7 @@ def _blend_blocks(
     keep_mean_colour: bool = False,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """`denoise_array` over an image read region by region: its output in blocks ``(top, left, [3, h, w])``."""
-    network = (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
+    network = _network(model, keep_mean_colour)
     for top, left, block in sliding_window_blocks(network, read_region, shape, (patch_size, patch_size),
                                                   overlap=overlap, batch_size=batch_size,
                                                   size_multiple=size_multiple, precision=precision):  # fmt: skip
