@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.mednets-installed
 
-.PHONY: demo test bench lint format
+.PHONY: demo test bench lint format bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -34,3 +34,22 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+# The peers of issues 21 and 25 (nnU-Net v2, onnxruntime, OpenVINO) in their own environment, never mednets
+# dependencies; mednets is installed editable beside them so benchmarks/peers/ scripts import both.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	# torch is named again so the resolver keeps the CPU wheel: timm (via dynamic-network-architectures) wants
+	# torchvision, whose newest release would pull a CUDA torch 2.14.
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0 nnunetv2==2.8.1 onnxruntime==1.32.0 openvino==2026.4.1
+	# The registry's torchvision is built against CUDA torch and fails on import with the CPU one; only timm's
+	# Primus/EVA networks need it, none of nnU-Net's planning, preprocessing or PlainConvUNet code.
+	$(PEERS_VENV)/bin/python -m pip uninstall --quiet --yes torchvision
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e ".[export]"
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)

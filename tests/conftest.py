@@ -13,6 +13,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _preprocessing_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Preprocessed datasets go to a temporary cache, never the user's `~/.cache/mednets`."""
+    import os
+
+    os.environ["MEDNETS_CACHE"] = str(tmp_path_factory.mktemp("mednets-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

@@ -119,13 +119,32 @@ def phantoms_command(
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (imagesTr/, labelsTr/, dataset.json).")],
     n: Annotated[int, typer.Option("--n", help="Number of cases.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same bytes.")] = 0,
-    shape: Annotated[str, typer.Option("--shape", metavar="D H W", help="Array shape [z, y, x].")] = "64,64,64",
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape", metavar="D H W", help="Array shape [z, y, x]; with --mixed-spacing, D is the most slices."
+        ),
+    ] = "64,64,64",
     spacing: Annotated[
         str | None,
         typer.Option(
             "--spacing", metavar="MM [MM MM]", help="Voxel size in mm (D H W, or one for all); default 320 mm / shape."
         ),
     ] = None,
+    mixed_spacing: Annotated[
+        bool,
+        typer.Option(
+            "--mixed-spacing",
+            help="Each case its own voxel size: in-plane 0.6-0.95 mm, slices 1.25-5 mm, as many as cover "
+            "300-450 mm (at least 120, at most D); H W as --shape. E.g. --shape 300 512 512.",
+        ),
+    ] = False,
+    modality: Annotated[
+        str,
+        typer.Option(
+            "--modality", metavar="ct|mr", help="ct: HU; mr: the same anatomy as an MR-like image in arbitrary units."
+        ),
+    ] = "ct",
     absence_rate: Annotated[
         str | None,
         typer.Option(
@@ -135,10 +154,18 @@ def phantoms_command(
             "cholecystectomy, truncated_top, truncated_bottom).",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Cases drawn at once in worker processes; default: the number of cores, at most one per case "
+            "and per 8M voxels (starting a worker costs about a second).",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset in --out.")] = False,
 ) -> None:
-    """Generate synthetic abdominal CT phantoms (13 organs, absent-organ scenarios) as a dataset folder."""
-    from mednets.data.phantoms import PhantomConfig, parse_absence_rates, write_phantom_dataset
+    """Generate synthetic abdominal CT (or MR-like) phantoms (13 organs, absent-organ scenarios) as a dataset folder."""
+    from mednets.data.phantoms import PhantomConfig, default_workers, parse_absence_rates, write_phantom_dataset
 
     spacing_mm = None
     if spacing is not None:
@@ -148,8 +175,11 @@ def phantoms_command(
         shape=parse_numbers(shape, "--shape", counts=(3,)),
         spacing=spacing_mm,
         absence_rates=parse_absence_rates(absence_rate),
+        mixed_spacing=mixed_spacing,
+        modality=modality.lower(),
     )
-    root = write_phantom_dataset(out, n, seed, config, overwrite=overwrite)
+    workers = default_workers(n, config) if workers is None else workers
+    root = write_phantom_dataset(out, n, seed, config, overwrite=overwrite, workers=workers, progress=True)
     console.print(f"wrote {n} phantoms to {root}")
 
 
@@ -237,6 +267,47 @@ def train_command(
         "no validation cases (one case, or data.val_fraction=0): the last checkpoint is the model"
     )
     console.print(f"trained {result['state']['step']} steps into {run_dir}: {metrics}")
+
+
+def _table(title: str, header: list[str], rows: list[tuple[str, ...]]) -> Table:
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@app.command("plan")
+def plan_command(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (imagesTr/, labelsTr/, dataset.json).")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Experiment YAML whose model and settings to plan for.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the plan as JSON (train with data.plan=<file>).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set data.memory_budget_gb=4.")
+    ] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Fingerprint a dataset (once; kept in the cache) and print the training plan derived from it."""
+    from mednets.config import load_config
+    from mednets.engine.planning import fingerprint_table, plan_dataset
+
+    experiment = load_config(config, overrides or [])
+    plan, fingerprint = plan_dataset(dataset, experiment, out=out, progress=not (quiet or as_json))
+    if as_json:
+        console.print_json(json.dumps(plan.to_dict()))
+        return
+    if quiet:
+        return
+    console.print(_table(f"Fingerprint of {dataset}", ["Property", "Value"], fingerprint_table(fingerprint)))
+    console.print(_table(f"Plan for {plan.model}", ["Setting", "Value", "Why"], plan.table()))
+    if out is not None:
+        console.print(f"wrote {out}")
 
 
 @app.command("evaluate")

@@ -82,15 +82,29 @@ class DataConfig:
         phantoms: phantom settings used when `dataset` is None.
         val_fraction: share of the training cases held out for validation (seeded split).
         split_seed: seed of the split.
+        plan: "auto" plans segmentation training from the dataset's fingerprint (`mednets plan`:
+            voxel size, normalisation, patch, batch and grid); or the path of a plans.json written by
+            `mednets plan --out` (and edited). Every key below that is set overrides the plan.
         patch_size: the window of patch-wise models (training patches, prediction windows) and the tile
-            of denoising; None feeds whole images resized to the model grid.
-        hu_window: the CT window mapped to [0, 1] (`mednets.data.intensity`: channels named CT).
-        spacing_mm: resample to this spacing first; None keeps the data's spacing.
-        augment: random flips (where anatomy allows), small rotations/scalings, intensity shifts.
+            of denoising; None: planned (segmentation) or the model's input size (denoising).
+        hu_window: a fixed CT window mapped to [0, 1] (`window` normalisation of CT channels); None:
+            the plan's (CT: clipped to the foreground's 0.5-99.5 percentiles and z-scored).
+        normalisation: one scheme per channel (`mednets.data.intensity.SCHEMES`), overriding the plan's.
+        spacing_mm: the voxel size training resamples to; None: planned (the median, or the data's own
+            spacing for 2D images).
+        memory_budget_gb: the training memory the plan fits the patch (or grid) and batch into; None:
+            a quarter of this machine's memory, at most 8 GiB (CPU), or 80% of the GPU's.
+        cache_dir: where preprocessed cases are kept; None: `$MEDNETS_CACHE` or `~/.cache/mednets`.
+        preprocess_workers: worker processes of preprocessing; None: one per core.
+        foreground_share: share of training patches centred on a voxel of a random present structure.
+        absent_share: share of patches centred where an absent structure would be (when one is absent).
+        augment: random flips (where anatomy allows), rotations and scalings, gamma, brightness and
+            contrast, noise and blur, low-resolution simulation.
         organ_removal_prob: probability that a training case loses one of `organ_removal`, erased
             from image and labels as if removed by surgery (`RandOrganRemovald`; 0 disables it).
         organ_removal: structure names that may be erased.
-        num_workers: data-loader worker processes.
+        num_workers: data-loader worker processes; None: one on CPU (patches are read while the step
+            computes), two on GPU.
         noise: noise of denoising tasks: "seed" (the seed's mixture) or a list of stages, e.g.
             `[{model: gaussian, sigma: 0.1}]` (`mednets.data.histology`).
         min_tissue: least share of tissue pixels in a histology tile.
@@ -101,13 +115,20 @@ class DataConfig:
     phantoms: PhantomConfig = field(default_factory=PhantomConfig)
     val_fraction: float = 0.2
     split_seed: int = 0
+    plan: str = "auto"
     patch_size: tuple[int, ...] | None = None
-    hu_window: tuple[float, float] = (-200.0, 300.0)
+    hu_window: tuple[float, float] | None = None
+    normalisation: tuple[str, ...] | None = None
     spacing_mm: tuple[float, ...] | None = None
+    memory_budget_gb: float | None = None
+    cache_dir: str | None = None
+    preprocess_workers: int | None = None
+    foreground_share: float = 0.33
+    absent_share: float = 0.3
     augment: bool = True
     organ_removal_prob: float = 0.0
     organ_removal: tuple[str, ...] = ("left_kidney", "right_kidney", "spleen", "gallbladder")
-    num_workers: int = 0
+    num_workers: int | None = None
     noise: str | tuple[dict[str, Any], ...] = "seed"
     min_tissue: float = 0.25
     stain_augment: float = 0.2
@@ -120,7 +141,8 @@ class TrainConfig:
     Attributes:
         max_steps: optimizer steps at most.
         max_minutes: wall-clock budget; training stops (and validates, checkpoints) when it is spent.
-        batch_size: samples per step per process (before accumulation).
+        batch_size: samples per step per process (before accumulation); None: planned (segmentation)
+            or 2.
         accumulation_steps: micro-batches per optimizer step.
         lr: peak learning rate of AdamW.
         lr_multipliers: learning-rate factors for parameters whose name contains a key, e.g.
@@ -145,7 +167,7 @@ class TrainConfig:
 
     max_steps: int = 1000
     max_minutes: float | None = None
-    batch_size: int = 2
+    batch_size: int | None = None
     accumulation_steps: int = 1
     lr: float = 1e-3
     lr_multipliers: dict[str, float] = field(default_factory=dict)
@@ -254,6 +276,10 @@ _BOUNDS: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "spacing_mm"): (_spacing, "one or more positive sizes in mm"),
     ("data", "organ_removal_prob"): (_between(0, 1), "a probability in [0, 1]"),
     ("data", "num_workers"): (_at_least(0), "an integer >= 0"),
+    ("data", "preprocess_workers"): (_at_least(1), "an integer >= 1"),
+    ("data", "memory_budget_gb"): (lambda v: _number(v) and 0 < v < math.inf, "a number of GiB > 0"),
+    ("data", "foreground_share"): (_between(0, 1), "a share in [0, 1]"),
+    ("data", "absent_share"): (_between(0, 1), "a share in [0, 1]"),
     ("data", "min_tissue"): (_between(0, 1), "a share in [0, 1]"),
     ("data", "stain_augment"): (_at_least(0, finite=True), "a number >= 0"),
     ("train", "max_steps"): (_at_least(1), "an integer >= 1"),

@@ -12,17 +12,18 @@ import tifffile
 from mednets.config import PhantomConfig
 from mednets.data.convert import ensure_phantom_datasets, split_image_pair, write_image_dataset
 from mednets.data.dataset import Dataset, load_dataset, validate_dataset
-from mednets.data.intensity import normalise
+from mednets.data.fingerprint import extract_fingerprint, read_case_arrays
+from mednets.data.intensity import ChannelNormalisation
+from mednets.data.preprocessing import PreprocessingPlan, preprocess_dataset
 from mednets.data.samples import segmentation_datasets
-from mednets.data.transforms import LoadVolumed, augmentation_axes
+from mednets.data.transforms import augmentation_axes
 from mednets.errors import DatasetError
 
 
-def _read_case(dataset: Dataset, case_id: str, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """A case's normalised image [C, H, W] and label map [H, W], as training loads them."""
-    loader = LoadVolumed(["image", "label"], channel_names=dataset.channel_names, hu_window=hu_window)
-    record = loader(dataset.records([case_id])[0])
-    return np.asarray(record["image"]), np.asarray(record["label"])[0].astype(np.int64)
+def _read_case(dataset: Dataset, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """A case's channels [C, H, W] and label map [H, W], as preprocessing reads them."""
+    channels, labels, _ = read_case_arrays(dataset.case(case_id))
+    return np.stack(channels), np.asarray(labels).astype(np.int64)
 
 
 def _cases(n: int = 3, colour: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -45,15 +46,15 @@ def test_written_dataset_validates_and_loads(dataset_2d: Path) -> None:
     assert validate_dataset(dataset_2d) == []
     dataset = load_dataset(dataset_2d)
     assert [c.case_id for c in dataset.training] == ["case_0", "case_1", "case_2"]
-    image, label = _read_case(dataset, "case_0", (-200, 300))
-    assert image.shape == (1, 40, 48) and image.dtype == np.float32 and label.shape == (40, 48)
+    image, label = _read_case(dataset, "case_0")
+    assert image.shape == (1, 40, 48) and label.shape == (40, 48)
 
 
 def test_colour_png_dataset_validates(tmp_path: Path) -> None:
     root = write_image_dataset(tmp_path / "rgb", _cases(colour=True), {"background": 0, "cell": 1}, channel_name="RGB",
                             file_ending=".png")  # fmt: skip
     dataset = load_dataset(root)
-    image, _ = _read_case(dataset, "case_0", (-200, 300))
+    image, _ = _read_case(dataset, "case_0")
     assert image.shape == (3, 40, 48)
 
 
@@ -92,15 +93,6 @@ def test_undeclared_label_values_are_reported(dataset_2d: Path) -> None:
     assert any("case_2.tif: label values [7] are not declared" in p for p in validate_dataset(dataset_2d))
 
 
-def test_normalisation_windows_ct_scales_uint8_and_stretches_the_rest() -> None:
-    ct = np.array([[-1000, -200, 50, 300, 2000]], dtype=np.int16)
-    np.testing.assert_allclose(normalise(ct, "CT", (-200, 300))[0], [0, 0, 0.5, 1, 1])
-    np.testing.assert_allclose(normalise(np.array([[0, 255]], np.uint8), "x", (0, 1))[0], [0, 1])
-    fluorescence = np.arange(1000, dtype=np.uint16).reshape(20, 50)
-    out = normalise(fluorescence, "fluorescence", (0, 1))
-    assert out.min() == 0.0 and out.max() == 1.0 and 0.45 < out.mean() < 0.55
-
-
 def test_image_pair_splits_into_left_training_and_right_test_halves(shared_dir: Path, tmp_path: Path) -> None:
     folder = shared_dir / "data" / "nuclei2d"
     train, test = split_image_pair(
@@ -109,8 +101,8 @@ def test_image_pair_splits_into_left_training_and_right_test_halves(shared_dir: 
     left, right = load_dataset(train), load_dataset(test)
     assert left.labels == {"background": 0, "nucleus": 1}
     mask = tifffile.imread(folder / "mask2d.tif")
-    _, left_label = _read_case(left, left.training[0].case_id, (0, 1))
-    _, right_label = _read_case(right, right.training[0].case_id, (0, 1))
+    _, left_label = _read_case(left, left.training[0].case_id)
+    _, right_label = _read_case(right, right.training[0].case_id)
     np.testing.assert_array_equal(np.concatenate([left_label, right_label], 1), mask > 0)
 
 
@@ -128,9 +120,14 @@ def test_single_image_trains_on_top_rows_and_validates_on_the_bottom(tmp_path: P
     image = np.arange(128 * 64, dtype=np.uint16).reshape(128, 64)
     label = (image % 7 == 0).astype(np.uint8)
     root = write_image_dataset(tmp_path / "one", [("big", image, label)], {"background": 0, "dot": 1}, channel_name="x")
-    train, val = segmentation_datasets(load_dataset(root), grid=None, patch_size=(32, 32), hu_window=(0, 1),
-                                       spacing_mm=None, val_fraction=0.25, split_seed=0, augment=True, seed=0)  # fmt: skip
-    assert train.data[0]["rows"] == (0, 96) and len(val) == 1 and tuple(val[0]["label"].shape) == (32, 64)
+    dataset = load_dataset(root)
+    plan = PreprocessingPlan(2, None, None, (ChannelNormalisation("zscore"),))
+    fingerprint = extract_fingerprint(dataset, workers=1, progress=False)
+    cache, _ = preprocess_dataset(dataset, fingerprint, plan, tmp_path / "cache", workers=1, progress=False)
+    train, val = segmentation_datasets(dataset, cache, plan, cases=["big"], grid=None, patch_size=(32, 32),
+                                       val_fraction=0.25, split_seed=0, augment=True, seed=0)  # fmt: skip
+    assert train.rows == {"big": (0, 96)} and len(val) == 1 and tuple(val[0]["label"].shape) == (32, 64)
+    np.testing.assert_array_equal(val[0]["label"].numpy(), label[96:])
     assert len(train) == 64  # one image fills an epoch of samples
     sample = train[0]
     assert tuple(sample["image"].shape) == (1, 32, 32) and tuple(sample["label"].shape) == (32, 32)

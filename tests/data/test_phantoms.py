@@ -1,4 +1,4 @@
-"""The phantom generator: determinism, speed, anatomy, Hounsfield units and absence bookkeeping."""
+"""The phantom generator: determinism, speed, anatomy, Hounsfield units, absence bookkeeping, full-size and MR modes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,17 @@ from scipy import ndimage
 
 from mednets import anatomy
 from mednets.data.dataset import load_dataset
-from mednets.data.phantoms import SCENARIOS, PhantomConfig, generate_phantom, parse_absence_rates, write_phantom_dataset
+from mednets.data.phantom_grid import uses_drawing_grid
+from mednets.data.phantoms import (
+    MIXED_SLICE_MM,
+    SCENARIOS,
+    PhantomConfig,
+    case_geometry,
+    default_workers,
+    generate_phantom,
+    parse_absence_rates,
+    write_phantom_dataset,
+)
 from mednets.errors import ConfigError, UnknownNameError
 
 NO_ABSENCE = PhantomConfig(absence_rates={})
@@ -163,9 +173,154 @@ def test_bad_configuration_is_refused(tmp_path: Path) -> None:
         PhantomConfig(absence_rates={"splenectomy": 1.5})
     with pytest.raises(ConfigError):
         PhantomConfig(shape=(4, 64, 64))
+    with pytest.raises(UnknownNameError, match="modality"):
+        PhantomConfig(modality="pet")
+    with pytest.raises(ConfigError, match="mixed spacing"):
+        PhantomConfig(spacing=(1.0, 1.0, 1.0), mixed_spacing=True)
+    with pytest.raises(ConfigError, match="workers"):
+        write_phantom_dataset(tmp_path / "none", 1, workers=0)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         write_phantom_dataset(tmp_path / "busy", 1)
     assert parse_absence_rates("splenectomy=0.3")["splenectomy"] == 0.3
     assert set(parse_absence_rates(0.2).values()) == {0.2}
+
+
+# sha256 of image and label bytes, taken before the full-size path existed: the quality figures of
+# benchmarks/RESULTS.md were measured on these phantoms.
+DEFAULT_BYTES = {
+    (0, 0, (64, 64, 64)): (
+        "17a52768bff07653d6bc65af8eeb95229317dbb1efd8da84a0577f94ede5f541",
+        "c39a83fdec1337b6662aa8cfe09bba5e5d5228ec893705f77d74a987adb26654",
+    ),
+    (1, 3, (64, 64, 64)): (
+        "d31d8695bfed80d29e394ac0d3e2dbc2b29df60fc7db0bbffb2ca3093114f39f",
+        "22ae4dbc94edd35c4dfe791e1d9f2c72178852f1b1670ac3cf120b6efd821515",
+    ),
+    (0, 0, (96, 96, 96)): (
+        "014491d1aa86f7a5c1cda630ebf89a11d0ccbc9417a6a315720399b98983cb87",
+        "469422032e84caeaac41f259155a9bd6fb0fdc21b6ba17ffc42412d4eb41d315",
+    ),
+}
+
+
+@pytest.mark.parametrize(("seed", "index", "shape"), list(DEFAULT_BYTES))
+def test_default_phantoms_keep_their_bytes(seed: int, index: int, shape: tuple[int, int, int]) -> None:
+    case = generate_phantom(seed, PhantomConfig(shape=shape), case_index=index)
+    digests = (hashlib.sha256(case.image.tobytes()).hexdigest(), hashlib.sha256(case.labels.tobytes()).hexdigest())
+    assert digests == DEFAULT_BYTES[(seed, index, shape)]
+
+
+def test_only_fine_voxels_use_the_drawing_grid() -> None:
+    assert not uses_drawing_grid(PhantomConfig().spacing_mm)
+    assert not uses_drawing_grid(PhantomConfig(shape=(160, 160, 160)).spacing_mm)  # 2 mm: voxel by voxel
+    assert not uses_drawing_grid(PhantomConfig(shape=(75, 128, 128)).spacing_mm)
+    assert uses_drawing_grid((1.5, 0.8, 0.8)) and uses_drawing_grid((5.0, 0.6, 0.6))
+
+
+def test_workers_by_default_only_where_they_pay() -> None:
+    import os
+
+    assert default_workers(8, PhantomConfig()) == 1  # 64³: starting a worker costs more than a case
+    full = PhantomConfig(shape=(300, 512, 512), mixed_spacing=True)
+    assert default_workers(6, full) == min(6, len(os.sched_getaffinity(0)))
+    assert default_workers(1, full) == 1
+
+
+def test_mixed_spacing_draws_clinical_geometries() -> None:
+    config = PhantomConfig(shape=(300, 512, 512), mixed_spacing=True)
+    geometries = [case_geometry(4, config, case_index=index) for index in range(40)]
+    slice_mm = {spacing[0] for _, spacing in geometries}
+    in_plane = [spacing[1] for _, spacing in geometries]
+    assert len(slice_mm) >= 4 and slice_mm <= set(MIXED_SLICE_MM)
+    assert all(0.6 <= s <= 0.95 for s in in_plane) and max(in_plane) - min(in_plane) > 0.2
+    for shape, spacing in geometries:
+        assert shape[1:] == (512, 512) and spacing[1] == spacing[2]
+        assert 120 <= shape[0] <= 300
+        if 120 < shape[0] < 300:
+            assert 300 <= shape[0] * spacing[0] <= 450  # the coverage asked for, unless clipped
+    assert len({shape[0] for shape, _ in geometries}) > 10
+    assert case_geometry(4, config, case_index=7) == geometries[7]  # fixed by seed and index
+
+
+def test_mixed_spacing_dataset_records_each_geometry_in_its_files(tmp_path: Path) -> None:
+    from mednets.data.io import read_volume
+
+    config = PhantomConfig(shape=(24, 40, 48), mixed_spacing=True)
+    root = write_phantom_dataset(tmp_path / "mixed", 4, seed=3, config=config)
+    info = json.loads((root / "dataset.json").read_text())
+    assert info["generator"]["spacing_mm"] == "per case"
+    spacings = set()
+    for index in range(4):
+        record = info["cases"][f"phantom_{index:03d}"]
+        image = read_volume(root / "imagesTr" / f"phantom_{index:03d}_0000.nii.gz")
+        labels = read_volume(root / "labelsTr" / f"phantom_{index:03d}.nii.gz")
+        assert list(image.array.shape) == record["shape"] == [24, 40, 48]  # D is the most slices: 24
+        sz, sy, sx = record["spacing_mm"]
+        np.testing.assert_allclose(np.abs(np.diag(image.affine)[:3]), [sx, sy, sz], rtol=1e-6)
+        np.testing.assert_allclose(labels.affine, image.affine)
+        assert 0.6 <= sx <= 0.95 and sz in MIXED_SLICE_MM
+        spacings.add((sz, sx))
+    assert len(spacings) == 4
+    load_dataset(root)
+
+
+def test_fine_voxels_draw_the_same_anatomy_in_seconds() -> None:
+    config = PhantomConfig(shape=(64, 400, 400), spacing=(5.0, 0.8, 0.8), absence_rates={})
+    start = time.perf_counter()
+    case = generate_phantom(0, config)
+    seconds = time.perf_counter() - start
+    voxel_ml = 5.0 * 0.8 * 0.8 / 1000.0
+    counts = np.bincount(case.labels.ravel(), minlength=14)
+    volumes = {o.name: counts[o.id] * voxel_ml for o in anatomy.ORGANS}
+    assert case.absent == {} and all(counts[1:] >= 10), volumes
+    assert 700 < volumes["liver"] < 2500 and 60 < volumes["spleen"] < 400
+    image = case.image.astype(float)
+    for name, low, high in (("liver", 45, 75), ("spleen", 35, 65), ("aorta", 150, 250), ("gallbladder", -10, 35)):
+        assert low <= np.median(image[case.labels == anatomy.organ_id(name)]) <= high, name
+    assert image[0, 0, 0] < -900
+    assert seconds < 15, seconds  # drawn on the 1.6 mm grid: seconds, not the voxel-by-voxel minute
+
+
+@pytest.mark.parametrize(("shape", "spacing"), [((40, 40, 40), None), ((24, 160, 160), (5.0, 0.8, 0.8))])
+def test_mr_mode_renders_the_same_anatomy_in_arbitrary_units(shape, spacing) -> None:
+    ct_config = PhantomConfig(shape=shape, spacing=spacing, absence_rates={})
+    mr_config = PhantomConfig(shape=shape, spacing=spacing, absence_rates={}, modality="mr")
+    scales = set()
+    for index in range(2):
+        ct = generate_phantom(5, ct_config, case_index=index)
+        mr = generate_phantom(5, mr_config, case_index=index)
+        np.testing.assert_array_equal(mr.labels, ct.labels)
+        assert mr.absent == ct.absent and mr.image.dtype == np.int16 and mr.image.min() >= 0
+        scales.add(mr.info["max_intensity"])
+        assert 500 <= mr.image.max() <= 4000
+        median = {o.name: np.median(mr.image[mr.labels == o.id]) for o in anatomy.ORGANS if (mr.labels == o.id).any()}
+        fat = np.median(mr.image[(mr.labels == 0) & (ct.image > -130) & (ct.image < -80)])
+        assert fat > median["liver"] > median["spleen"] > median["gallbladder"], (fat, median)
+    assert len(scales) == 2  # not comparable across cases: a planner must normalise each image
+
+
+def test_mr_dataset_names_its_channel(tmp_path: Path) -> None:
+    root = write_phantom_dataset(tmp_path / "mr", 2, seed=1, config=PhantomConfig(shape=(24, 24, 24), modality="mr"))
+    info = json.loads((root / "dataset.json").read_text())
+    assert info["channel_names"] == {"0": "MR"} and info["generator"]["modality"] == "mr"
+    assert load_dataset(root).channel_names == ["MR"]
+
+
+def test_workers_write_the_same_bytes(tmp_path: Path) -> None:
+    config = PhantomConfig(shape=(16, 48, 48), mixed_spacing=True, modality="mr")
+    one = _digest(write_phantom_dataset(tmp_path / "one", 3, seed=2, config=config, workers=1))
+    two = _digest(write_phantom_dataset(tmp_path / "two", 3, seed=2, config=config, workers=2, progress=True))
+    assert one == two and len(one) == 7
+
+
+def test_phantoms_command_mixed_spacing_mr(tmp_path: Path) -> None:
+    from mednets.cli import main
+
+    out = tmp_path / "cli"
+    args = ["phantoms", "--out", str(out), "--n", "2", "--shape", "20", "32", "32", "--mixed-spacing"]
+    assert main([*args, "--modality", "mr", "--workers", "1"]) == 0
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["channel_names"] == {"0": "MR"} and "spacing_mm" in info["cases"]["phantom_001"]
+    assert main(["phantoms", "--out", str(tmp_path / "bad"), "--modality", "pet"]) == 2

@@ -74,7 +74,7 @@ def test_binary_prediction_is_the_sigmoid_above_one_half(binary_2d: tuple[Path, 
         assert labels.shape == (32, 32) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
         # The image is one window of the training patch size: the predictor's labels are the model's own sigmoid > 0.5.
         image = tifffile.imread(test / "imagesTr" / f"{label_path.stem}_0000.tif")
-        x = torch.as_tensor(normalise(image[None], "fluorescence", (0.0, 1.0)))[None]
+        x = torch.as_tensor(normalise(image[None], run.preprocessing.rules()[0]))[None]
         with torch.no_grad():
             expected = (torch.sigmoid(run.model.float()(x))[0, 0] > 0.5).numpy()
         np.testing.assert_array_equal(labels, expected)

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 
 from mednets import host_memory
 from mednets.config import load_config
+from mednets.engine.batches import EpochSampler
 from mednets.engine.checkpoints import load_model_weights, load_trainer_state
 from mednets.engine.distributed import init_distributed, shutdown_distributed
-from mednets.engine.trainer import EpochSampler, Trainer
+from mednets.engine.trainer import Trainer
 from mednets.errors import CheckpointError, TrainingError
 from mednets.models import create_model
 from mednets.tasks import create_task

@@ -1,67 +1,137 @@
-"""The one intensity normalisation of mednets: training and prediction, 2D and 3D, call `normalise`.
+"""The one intensity normalisation of mednets: training, preprocessing and prediction call `normalise`.
 
-The rule follows the channel's name in `dataset.json` (`channel_names`), as nnU-Net's does:
+Each input channel has a `ChannelNormalisation`, chosen by the plan from the channel's name in
+`dataset.json` (`channel_names`), as nnU-Net chooses its normalisation schemes:
 
-- ``CT``: Hounsfield units windowed to [0, 1] with `hu_window` (clipped): organs spread out, fat and
-  bone saturate;
-- anything else stored as uint8: divided by 255;
-- anything else: scaled per image between its 0.5th and 99.5th percentiles, clipped to [0, 1]
-  (fluorescence, MR or any arbitrary unit).
+- ``ct``: clipped to the training foreground's 0.5th and 99.5th percentiles, then z-scored with the
+  foreground's mean and standard deviation (one transform for every image of the dataset: HU mean
+  the same tissue everywhere);
+- ``window``: a fixed window (`data.hu_window`, e.g. [-175, 250] HU) mapped to [0, 1] and clipped;
+- ``zscore``: z-scored per image (MR and other arbitrary units: the scale differs between scans);
+- ``rescale``: per image, its 0.5th-99.5th percentiles mapped to [0, 1] and clipped;
+- ``rgb``: 8-bit colour divided by 255;
+- ``none``: left as stored.
 
-A channel file is normalised as a whole (all colours of an RGB image together), when it is read.
+`scheme_for_channel` gives the default of a channel name; a name that is itself a scheme (or one of
+nnU-Net's: ``noNorm``, ``zscore``, ``rescale_to_0_1``, ``rgb_to_0_1``) chooses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from mednets.errors import ConfigError
 
-__all__ = ["DEFAULT_HU_WINDOW", "PERCENTILES", "normalise", "padding_value"]
+__all__ = [
+    "DEFAULT_HU_WINDOW",
+    "PERCENTILES",
+    "SCHEMES",
+    "ChannelNormalisation",
+    "normalise",
+    "padding_value",
+    "scheme_for_channel",
+]
 
-# Soft-tissue abdominal window: the default of `data.hu_window` in configs.
+# The soft-tissue abdominal window of configs that ask for `window` normalisation without a window.
 DEFAULT_HU_WINDOW = (-200.0, 300.0)
 PERCENTILES = (0.5, 99.5)
 AIR_HU = -1000.0
+SCHEMES = ("ct", "window", "zscore", "rescale", "rgb", "none")
+# Channel names that name a scheme (nnU-Net's spellings included).
+_NAMED_SCHEMES = {"ct": "ct", "window": "window", "zscore": "zscore", "z-score": "zscore", "rescale": "rescale",
+                  "rescale_to_0_1": "rescale", "rgb": "rgb", "rgb_to_0_1": "rgb", "none": "none", "nonorm": "none"}  # fmt: skip
 
 
-def _check_window(hu_window: Sequence[float]) -> tuple[float, float]:
-    low, high = (float(v) for v in hu_window)
-    if not high > low:
-        raise ConfigError("HU window must be (low, high) with high > low", source="data.hu_window", got=hu_window)
-    return low, high
+@dataclass(frozen=True)
+class ChannelNormalisation:
+    """How one input channel is normalised (module docstring).
+
+    Attributes:
+        scheme: one of `SCHEMES`.
+        low, high: the clip range (``ct``: foreground percentiles; ``window``: the window), else None.
+        mean, std: the foreground statistics of ``ct``, else None.
+    """
+
+    scheme: str
+    low: float | None = None
+    high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError("unknown normalisation", source="normalisation", expected=", ".join(SCHEMES),
+                              got=self.scheme)  # fmt: skip
+        if self.scheme in ("ct", "window") and not (
+            self.low is not None and self.high is not None and self.high > self.low
+        ):
+            raise ConfigError(f"{self.scheme} normalisation needs low < high", source="normalisation",
+                              got={"low": self.low, "high": self.high})  # fmt: skip
+        if self.scheme == "ct" and not (self.mean is not None and self.std is not None and self.std > 0):
+            raise ConfigError("ct normalisation needs the foreground mean and a positive std", source="normalisation",
+                              got={"mean": self.mean, "std": self.std})  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChannelNormalisation:
+        return cls(**{key: (value if key == "scheme" else float(value)) for key, value in data.items()})
+
+    @classmethod
+    def window(cls, hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> ChannelNormalisation:
+        low, high = (float(v) for v in hu_window)
+        return cls("window", low, high)
 
 
-def normalise(
-    array: np.ndarray | torch.Tensor, channel_name: str, hu_window: Sequence[float] = DEFAULT_HU_WINDOW
-) -> np.ndarray | torch.Tensor:
-    """One channel's values (any shape) as float32 in [0, 1] by the rule of its name (module docstring).
+def scheme_for_channel(channel_name: str, dtype: np.dtype | None = None) -> str:
+    """The default scheme of a channel by its name: CT -> ``ct``, 8-bit images -> ``rgb``, else ``zscore``."""
+    named = _NAMED_SCHEMES.get(channel_name.strip().lower())
+    if named is not None:
+        return named
+    if dtype is not None and np.dtype(dtype) == np.uint8:
+        return "rgb"
+    return "zscore"
 
-    Returns a tensor for a tensor, an array for an array.
+
+def normalise(array: np.ndarray | torch.Tensor, rule: ChannelNormalisation) -> np.ndarray | torch.Tensor:
+    """One channel's values (any shape) as float32, normalised by `rule`.
+
+    Returns a tensor for a tensor, an array for an array (always a new buffer: inputs are never changed).
     """
     if isinstance(array, torch.Tensor):
-        is_uint8 = array.dtype == torch.uint8
         values = array.to(torch.float32, copy=True)
     else:
-        is_uint8 = np.asarray(array).dtype == np.uint8
         values = torch.from_numpy(np.array(array, dtype=np.float32))  # the one copy: a scan can be large
-    if channel_name.upper() == "CT":
-        low, high = _check_window(hu_window)
-        values.sub_(low).div_(high - low)
-    elif is_uint8:
+    if rule.scheme == "ct":
+        values.clamp_(rule.low, rule.high).sub_(rule.mean).div_(rule.std)
+    elif rule.scheme == "window":
+        values.sub_(rule.low).div_(rule.high - rule.low).clamp_(0.0, 1.0)
+    elif rule.scheme == "rgb":
         values.div_(255.0)
-    else:
-        low, high = np.percentile(values.numpy(), PERCENTILES) if values.numel() else (0.0, 1.0)
-        values.sub_(float(low)).div_(max(float(high - low), 1e-6))
-    values.clamp_(0.0, 1.0)
+    elif rule.scheme == "zscore" and values.numel():
+        values.sub_(values.mean()).div_(max(float(values.std(correction=0)), 1e-6))
+    elif rule.scheme == "rescale" and values.numel():
+        low, high = _percentiles(values)
+        values.sub_(low).div_(max(high - low, 1e-6)).clamp_(0.0, 1.0)
     return values if isinstance(array, torch.Tensor) else values.numpy()
 
 
-def padding_value(channel_name: str, hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> float:
-    """The normalised value of what lies outside a scan: air for CT, 0 otherwise."""
-    if channel_name.upper() == "CT":
-        return float(normalise(torch.tensor([AIR_HU]), channel_name, hu_window)[0])
+def _percentiles(values: torch.Tensor) -> tuple[float, float]:
+    """The 0.5th and 99.5th percentiles, from a strided sample of at most ~2 million values (a scan is large)."""
+    flat = values.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 2_000_000)].numpy()
+    low, high = np.percentile(sample, PERCENTILES)
+    return float(low), float(high)
+
+
+def padding_value(rule: ChannelNormalisation) -> float:
+    """The normalised value of what lies outside a scan: air for CT rules, else 0 (nnU-Net's padding)."""
+    if rule.scheme in ("ct", "window"):
+        return float(normalise(torch.tensor([AIR_HU]), rule)[0])
     return 0.0

@@ -20,14 +20,23 @@ cholecystectomy (a surgical clip stays), and a field of view truncated at the to
 which removes some organs and cuts others. Every organ is recorded present (>= `min_voxels`
 voxels) or absent with the reason; organs left with fewer voxels than that by truncation are erased
 from the label map so the record and the labels always agree.
+
+Full-size scans: with ``mixed_spacing`` every case gets its own voxel size (in-plane 0.6-0.95 mm,
+slices of 1.25-5 mm) and slice count, like a clinical dataset; scans with in-plane voxels under
+about 1.07 mm are drawn on a coarse grid (2.5 mm slices, 1.6 mm in-plane) and resampled
+(`mednets.data.phantom_grid`), so a 512x512x300 case takes seconds. The 64³ path is unchanged
+(same seed, same bytes). ``modality="mr"`` renders the same anatomy and labels as an MR-like image
+in arbitrary units (`mednets.data.phantom_mr`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +47,27 @@ from scipy import ndimage
 from mednets import anatomy
 from mednets.atomic import atomic_write_text
 from mednets.data.dataset import DEFAULT_MIN_VOXELS
+from mednets.data.phantom_grid import (
+    DrawingGrid,
+    blur_drawing,
+    box_noise,
+    drawing_grid,
+    upsample_intensities,
+    upsample_labels,
+    uses_drawing_grid,
+)
+from mednets.data.phantom_mr import bias_field, mr_intensity, to_arbitrary_units
 from mednets.errors import ConfigError, UnknownNameError
+from mednets.host_memory import reuse_freed_memory
 
 __all__ = [
     "DEFAULT_ABSENCE_RATES",
+    "MODALITIES",
     "SCENARIOS",
     "Phantom",
     "PhantomConfig",
+    "case_geometry",
+    "default_workers",
     "generate_phantom",
     "parse_absence_rates",
     "write_phantom_dataset",
@@ -68,6 +91,13 @@ DEFAULT_ABSENCE_RATES: dict[str, float] = {
     "truncated_bottom": 0.1,
 }
 DEFAULT_FOV_MM = 320.0  # 64 voxels of 5 mm: diaphragm domes to iliac crests with margin
+MODALITIES = ("ct", "mr")
+# Mixed spacing: clinical abdominal CT voxel sizes and craniocaudal coverage.
+MIXED_IN_PLANE_MM = (0.6, 0.95)
+MIXED_SLICE_MM = (1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
+MIXED_COVERAGE_MM = (300.0, 450.0)
+MIXED_MIN_SLICES = 120
+MIXED_MAX_FAT_MM = 60.0
 _ID = {o.name: o.id for o in anatomy.ORGANS}
 _P = 2.6  # superellipse exponent of body sections: the abdomen is a rounded rectangle
 
@@ -77,12 +107,18 @@ class PhantomConfig:
     """How phantoms are drawn.
 
     Attributes:
-        shape: array shape ``(D, H, W)``.
+        shape: array shape ``(D, H, W)``; with `mixed_spacing`, ``H W`` of every case and ``D`` the
+            most slices.
         spacing: voxel size in mm ``(D, H, W)``; None gives a 320 mm field of view on every axis
-            (5 mm at the default 64 voxels).
+            (5 mm at the default 64 voxels). None with `mixed_spacing`.
         absence_rates: probability of each scenario of `SCENARIOS` per case.
         noise_hu: standard deviation of the image noise in HU.
         min_voxels: an organ with fewer voxels is recorded absent and erased from the labels.
+        mixed_spacing: draw each case's voxel size: in-plane uniform in `MIXED_IN_PLANE_MM`, slices
+            one of `MIXED_SLICE_MM`, as many as cover 300-450 mm, clipped to
+            ``[min(120, D), D]`` (``--shape 300 512 512``: 512x512, 120-300 slices); subcutaneous
+            fat up to 60 mm instead of 35.
+        modality: ``"ct"`` (HU) or ``"mr"`` (the same anatomy in arbitrary units, `mednets.data.phantom_mr`).
     """
 
     shape: tuple[int, int, int] = (64, 64, 64)
@@ -90,12 +126,22 @@ class PhantomConfig:
     absence_rates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ABSENCE_RATES))
     noise_hu: float = 12.0
     min_voxels: int = DEFAULT_MIN_VOXELS
+    mixed_spacing: bool = False
+    modality: str = "ct"
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 8:
             raise ConfigError("phantom shape must be 3 sizes of at least 8", source="shape", got=self.shape)
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise ConfigError("spacing must be 3 positive sizes in mm", source="spacing", got=self.spacing)
+        if self.mixed_spacing and self.spacing is not None:
+            raise ConfigError(
+                "mixed spacing draws each case's spacing: give no spacing with it", source="spacing", got=self.spacing
+            )
+        if self.modality not in MODALITIES:
+            raise UnknownNameError(
+                "unknown phantom modality", source="modality", expected=", ".join(MODALITIES), got=self.modality
+            )
         for name, rate in self.absence_rates.items():
             if name not in SCENARIOS:
                 raise UnknownNameError(
@@ -177,10 +223,11 @@ class _Canvas:
         spacing: tuple[float, float, float],
         z_offset: float,
         rng: np.random.Generator,
+        axes: list[np.ndarray] | None = None,
     ):
         self.shape = shape
         self.spacing = spacing
-        self.axes = [  # undeformed mm coordinates of each index axis (z, y, x), centred on the field of view
+        self.axes = axes or [  # undeformed mm coordinates of each index axis (z, y, x), centred on the field of view
             (np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * s + (z_offset if i == 0 else 0.0)
             for i, (n, s) in enumerate(zip(shape, spacing, strict=True))
         ]
@@ -306,20 +353,27 @@ def _draw_scenarios(rng: np.random.Generator, rates: dict[str, float]) -> list[s
 
 
 def generate_phantom(seed: int, config: PhantomConfig | None = None, *, case_index: int = 0) -> Phantom:
-    """Draw one abdominal CT phantom.
+    """Draw one abdominal CT (or MR-like) phantom.
+
+    Fine-voxel scans (in-plane under about 1.07 mm) are drawn on a coarse grid and resampled
+    (`mednets.data.phantom_grid`); coarser ones, the 64³ default included, voxel by voxel.
 
     Args:
         seed: dataset seed; with `case_index` it fixes every random choice (same inputs, same bytes).
-        config: shape, spacing, absence rates, noise.
+        config: shape, spacing, absence rates, noise, mixed spacing, modality.
         case_index: index of the case in its dataset (cases are independent of how many are drawn).
 
     Returns:
-        The `Phantom` (image ``[D, H, W]`` int16 HU, labels ``[D, H, W]`` uint8).
+        The `Phantom` (image ``[D, H, W]`` int16, HU or non-negative MR units; labels ``[D, H, W]`` uint8).
     """
     config = config or PhantomConfig()
-    rng = np.random.default_rng([int(seed), int(case_index)])
-    shape = tuple(int(n) for n in config.shape)
-    spacing = config.spacing_mm
+    with reuse_freed_memory():  # full-size temporaries reuse freed pages instead of faulting fresh ones in
+        return _generate(int(seed), config, int(case_index))
+
+
+def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
+    rng = np.random.default_rng([seed, case_index])
+    shape, spacing = case_geometry(seed, config, case_index=case_index)
     scenarios = _draw_scenarios(rng, config.absence_rates)
     removed = {organ: SCENARIOS[s][1] for s in scenarios for organ in SCENARIOS[s][0]}
 
@@ -331,28 +385,93 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None, *, case_ind
         z_offset -= float(rng.uniform(0.25, 0.5)) * fov_z
     if "truncated_bottom" in scenarios:
         z_offset += float(rng.uniform(0.3, 0.6)) * fov_z
-    canvas = _Canvas(shape, spacing, z_offset, rng)
+    grid = drawing_grid(shape, spacing) if uses_drawing_grid(spacing) else None
+    if grid is None:
+        canvas = _Canvas(shape, spacing, z_offset, rng)
+    else:
+        canvas = _Canvas(grid.coarse_shape, grid.coarse_spacing, z_offset, rng, axes=grid.axes(z_offset))
     size = float(rng.uniform(0.88, 1.08))  # in-plane patient size
     height = float(rng.uniform(0.92, 1.08))  # craniocaudal organ extent
-    fat_mm = float(rng.uniform(8.0, 35.0))  # subcutaneous fat thickness: lean to obese
+    # Subcutaneous fat thickness, lean to obese; mixed-spacing datasets (clinical populations, full
+    # field of view) reach 60 mm, bodies 230-370 mm wide; the 64³ phantoms keep 35 mm (320 mm field).
+    fat_mm = float(rng.uniform(8.0, MIXED_MAX_FAT_MM if config.mixed_spacing else 35.0))
     visceral = float(rng.uniform(0.2, 0.8))  # fraction of the abdominal cavity that is fat, not bowel
-    fine = _smooth_noise(rng, shape, 1.0)
-    coarse = _coarse_noise(rng, shape, 45.0, spacing)
-    loops = _coarse_noise(rng, shape, 28.0, spacing)
+    fine = _smooth_noise(rng, canvas.shape, 1.0)
+    coarse = _coarse_noise(rng, canvas.shape, 45.0, canvas.spacing)
+    loops = _coarse_noise(rng, canvas.shape, 28.0, canvas.spacing)
     _draw_body(canvas, rng, size, height, fat_mm, visceral, fine, coarse, loops)
     _draw_organs(canvas, rng, size, height, removed, fine)
+    del fine, coarse, loops
 
-    # Partial-volume blur then correlated noise, as a CT reconstruction kernel would give.
-    image = ndimage.gaussian_filter(canvas.hu, 0.6)
-    image += np.float32(config.noise_hu) * _smooth_noise(rng, shape, 0.5)
-    image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
+    info: dict[str, Any] = {}
+    if config.modality == "mr":
+        image, info = _render_mr(canvas, grid, np.random.default_rng([seed, case_index, 2]))
+    elif grid is None:
+        # Partial-volume blur then correlated noise, as a CT reconstruction kernel would give.
+        image = ndimage.gaussian_filter(canvas.hu, 0.6)
+        image += np.float32(config.noise_hu) * _smooth_noise(rng, shape, 0.5)
+        image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
+    else:
+        image = _render_fine_ct(canvas, grid, rng, config.noise_hu)
+    labels = canvas.labels if grid is None else upsample_labels(canvas.labels, grid)
+    del canvas
 
-    absent, cut = _bookkeeping(canvas.labels, removed, scenarios, config.min_voxels)
+    absent, cut = _bookkeeping(labels, removed, scenarios, config.min_voxels)
     sz, sy, sx = spacing
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = [(shape[2] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[0] - 1) / 2 * sz + z_offset]
-    info = {"size_factor": round(size, 4), "subcutaneous_fat_mm": round(fat_mm, 2), "fov_shift_mm": round(z_offset, 2)}
-    return Phantom(image, canvas.labels, affine, scenarios, absent, cut, info)
+    info = {
+        "size_factor": round(size, 4),
+        "subcutaneous_fat_mm": round(fat_mm, 2),
+        "fov_shift_mm": round(z_offset, 2),
+        **info,
+    }
+    if config.mixed_spacing:
+        info.update(shape=list(shape), spacing_mm=list(spacing))
+    return Phantom(image, labels, affine, scenarios, absent, cut, info)
+
+
+def case_geometry(
+    seed: int, config: PhantomConfig, *, case_index: int = 0
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """A case's array shape ``(D, H, W)`` and voxel size in mm, without drawing it.
+
+    The config's, or with `mixed_spacing` drawn from a random stream of its own (seed, case index).
+    """
+    shape = tuple(int(n) for n in config.shape)
+    if not config.mixed_spacing:
+        return shape, config.spacing_mm  # type: ignore[return-value]
+    rng = np.random.default_rng([int(seed), int(case_index), 1])
+    in_plane = round(float(rng.uniform(*MIXED_IN_PLANE_MM)), 4)
+    thickness = float(rng.choice(MIXED_SLICE_MM))
+    coverage = float(rng.uniform(*MIXED_COVERAGE_MM))
+    most = shape[0]
+    slices = int(np.clip(round(coverage / thickness), min(MIXED_MIN_SLICES, most), most))
+    return (slices, shape[1], shape[2]), (thickness, in_plane, in_plane)
+
+
+def _render_fine_ct(canvas: _Canvas, grid: DrawingGrid, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
+    """The scan-sized int16 HU image from the coarse drawing: interpolated, then noise at full resolution."""
+    image = upsample_intensities(blur_drawing(canvas.hu, grid), grid, fill=-1000.0)
+    noise = box_noise(rng, grid.shape)
+    noise *= np.float32(noise_hu)
+    image += noise
+    del noise
+    np.rint(image, out=image)
+    np.clip(image, -1024, 3071, out=image)
+    return image.astype(np.int16)
+
+
+def _render_mr(
+    canvas: _Canvas, grid: DrawingGrid | None, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The MR-like image of the drawn anatomy (`mednets.data.phantom_mr`) and the values drawn for it."""
+    intensity = mr_intensity(canvas.hu, canvas.labels) * bias_field(rng, canvas.axes)
+    if grid is None:
+        image = ndimage.gaussian_filter(intensity, 0.6)
+    else:
+        image = upsample_intensities(blur_drawing(intensity, grid), grid, fill=0.0)
+    return to_arbitrary_units(image, rng)
 
 
 def _bookkeeping(labels: np.ndarray, removed: dict[str, str], scenarios: list[str], min_voxels: int):
@@ -731,22 +850,28 @@ def write_phantom_dataset(
     config: PhantomConfig | None = None,
     *,
     overwrite: bool = False,
+    workers: int = 1,
+    progress: bool = False,
 ) -> Path:
     """Generate `n` phantoms into a dataset folder (docs/dataset_format.md) and return its path.
 
     Writes ``imagesTr/phantom_XXX_0000.nii.gz``, ``labelsTr/phantom_XXX.nii.gz`` and ``dataset.json``
     with ``labels`` from `mednets.anatomy`, the generator settings and, per case, the scenarios, the
-    absent organs with their reasons and the organs cut by the field of view. Same arguments, same bytes.
+    absent organs with their reasons, the organs cut by the field of view and (mixed spacing) the
+    case's shape and spacing. Same arguments, same bytes, whatever the number of workers.
+
+    Args:
+        workers: cases drawn at once in worker processes (at most `n`); 1 draws them in this process.
+        progress: show a progress bar (more than one case).
 
     Raises:
-        ConfigError: `n` < 1, or `out` is not empty and `overwrite` is False.
+        ConfigError: `n` < 1, `workers` < 1, or `out` is not empty and `overwrite` is False.
     """
-    from mednets.data.io import write_volume
-    from mednets.data.volume import Volume
-
     config = config or PhantomConfig()
     if n < 1:
         raise ConfigError("number of phantoms must be at least 1", source="--n", got=n)
+    if workers < 1:
+        raise ConfigError("number of workers must be at least 1", source="--workers", got=workers)
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         if not overwrite:
@@ -754,29 +879,85 @@ def write_phantom_dataset(
         for name in ("imagesTr", "labelsTr", "imagesTs"):
             shutil.rmtree(root / name, ignore_errors=True)
         (root / "dataset.json").unlink(missing_ok=True)
-    cases: dict[str, Any] = {}
-    for index in range(n):
-        case_id = f"phantom_{index:03d}"
-        phantom = generate_phantom(seed, config, case_index=index)
-        write_volume(Volume(phantom.image, phantom.affine), root / "imagesTr" / f"{case_id}_0000.nii.gz")
-        write_volume(Volume(phantom.labels, phantom.affine), root / "labelsTr" / f"{case_id}.nii.gz")
-        cases[case_id] = phantom.record()
+    from tqdm.auto import tqdm
+
+    records: list[dict[str, Any] | None] = [None] * n
+    bar = tqdm(total=n, desc="phantoms", unit="case", disable=not progress or n == 1)
+    workers = min(workers, n)
+    if workers == 1:
+        with reuse_freed_memory():
+            for index in range(n):
+                records[index] = _write_case(root, seed, config, index)
+                bar.update()
+    else:
+        # spawn: a forked child of a process whose OpenMP threads already ran can hang in them.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+            futures = {pool.submit(_write_case, root, seed, config, index): index for index in range(n)}
+            try:
+                for future in as_completed(futures):
+                    records[futures[future]] = future.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    bar.close()
+    generator: dict[str, Any] = {
+        "seed": int(seed),
+        "shape": list(config.shape),
+        "spacing_mm": [round(s, 6) for s in config.spacing_mm],
+        "absence_rates": {k: config.absence_rates.get(k, 0.0) for k in SCENARIOS},
+        "noise_hu": config.noise_hu,
+    }
+    if config.mixed_spacing:  # the per-case record holds each case's shape and spacing
+        generator["spacing_mm"] = "per case"
+        generator["mixed_spacing"] = {
+            "in_plane_mm": list(MIXED_IN_PLANE_MM),
+            "slice_mm": list(MIXED_SLICE_MM),
+            "coverage_mm": list(MIXED_COVERAGE_MM),
+            "slices": [min(MIXED_MIN_SLICES, config.shape[0]), config.shape[0]],
+        }
+    mr = config.modality == "mr"
+    if mr:
+        generator["modality"] = "mr"
+        del generator["noise_hu"]
     info = {
         "name": "mednets_phantoms",
-        "description": "Synthetic contrast-enhanced abdominal CT (mednets.data.phantoms), HU, LPS orientation",
-        "channel_names": {"0": "CT"},
+        "description": "Synthetic T1-weighted-like abdominal MR (mednets.data.phantoms), arbitrary units, "
+        "LPS orientation"
+        if mr
+        else "Synthetic contrast-enhanced abdominal CT (mednets.data.phantoms), HU, LPS orientation",
+        "channel_names": {"0": "MR" if mr else "CT"},
         "labels": anatomy.label_names(),
         "numTraining": n,
         "file_ending": ".nii.gz",
         "min_voxels": config.min_voxels,
-        "generator": {
-            "seed": int(seed),
-            "shape": list(config.shape),
-            "spacing_mm": [round(s, 6) for s in config.spacing_mm],
-            "absence_rates": {k: config.absence_rates.get(k, 0.0) for k in SCENARIOS},
-            "noise_hu": config.noise_hu,
-        },
-        "cases": cases,
+        "generator": generator,
+        "cases": {f"phantom_{index:03d}": record for index, record in enumerate(records)},
     }
     atomic_write_text(root / "dataset.json", json.dumps(info, indent=2) + "\n")
     return root
+
+
+def default_workers(n: int, config: PhantomConfig) -> int:
+    """Worker processes for `n` cases: the machine's cores, at most one per case and one per 8M voxels
+    to draw (a worker takes about a second to start: 64³ datasets of a few dozen cases draw faster alone)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    voxels = n * math.prod(config.shape)
+    return max(1, min(cores, n, voxels // 8_000_000))
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"  # one core per worker: torch's interpolation would take them all
+
+
+def _write_case(root: Path, seed: int, config: PhantomConfig, index: int) -> dict[str, Any]:
+    """Draw case `index` and write its image and label files (each atomically); its dataset.json record."""
+    from mednets.data.io import write_volume
+    from mednets.data.volume import Volume
+
+    case_id = f"phantom_{index:03d}"
+    phantom = generate_phantom(seed, config, case_index=index)
+    write_volume(Volume(phantom.image, phantom.affine), root / "imagesTr" / f"{case_id}_0000.nii.gz")
+    write_volume(Volume(phantom.labels, phantom.affine), root / "labelsTr" / f"{case_id}.nii.gz")
+    return phantom.record()

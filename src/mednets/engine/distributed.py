@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,15 @@ def barrier(context: DistributedContext) -> None:
     """Wait for every process."""
     if context.enabled:
         dist.barrier()
+
+
+def broadcast_from_main(value: Any, context: DistributedContext) -> Any:
+    """The main process's `value` in every process (JSON-like data; a no-op in a single process)."""
+    if not context.enabled:
+        return value
+    box = [value if context.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown_distributed() -> None:

@@ -19,7 +19,6 @@ judged absent, why they are empty.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,9 +32,10 @@ from torch import nn
 
 from mednets.atomic import check_not_inputs
 from mednets.config import InferenceConfig
-from mednets.data.intensity import normalise, padding_value
+from mednets.data.intensity import padding_value
+from mednets.data.preprocessing import PreprocessingPlan, preprocess_arrays
 from mednets.data.transforms import augmentation_axes
-from mednets.data.volume import Volume, max_voxels
+from mednets.data.volume import Volume
 from mednets.devices import resolve_device
 from mednets.engine.run import PreprocessingRecord, RunFolder
 from mednets.engine.sliding_window import sliding_window
@@ -123,29 +123,10 @@ class StageClock:
         self._last = now
 
 
-def _resample(
-    image: torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float], source: str
-) -> torch.Tensor:
-    """Linear resampling of `[C, *S]` from `spacing` to `target_spacing` (same field of view).
-
-    Raises:
-        InvalidInputError: the resampled image would exceed `max_voxels` (an absurd voxel size in the header).
-    """
-    size = [max(1, round(n * s / t)) for n, s, t in zip(image.shape[1:], spacing, target_spacing, strict=True)]
-    if math.prod(size) > max_voxels():
-        raise InvalidInputError(f"at the run's voxel size of {list(target_spacing)} mm this image would have "
-                                f"{math.prod(size)} voxels; is the voxel size in its header right?", source=source,
-                                expected=f"at most {max_voxels()} voxels (MEDNETS_MAX_VOXELS)",
-                                got=f"voxel size {[round(s, 4) for s in spacing]} mm")  # fmt: skip
-    if list(image.shape[1:]) == size:
-        return image
-    mode = "trilinear" if len(size) == 3 else "bilinear"
-    return torch.nn.functional.interpolate(image[None], size=size, mode=mode, align_corners=False)[0]
-
-
-def _centre_pad_crop(image: torch.Tensor, grid: Sequence[int], fill: float) -> tuple[torch.Tensor, list]:
-    """Centre-pad (with `fill`) or centre-crop `[C, *S]` to `[C, *grid]`; returns the offsets to undo it."""
-    out = torch.full((image.shape[0], *grid), fill, dtype=image.dtype)
+def _centre_pad_crop(image: torch.Tensor, grid: Sequence[int], fill: Sequence[float]) -> tuple[torch.Tensor, list]:
+    """Centre-pad (with `fill`, one value per channel) or centre-crop `[C, *S]` to `[C, *grid]`; returns the
+    offsets to undo it."""
+    out = torch.tensor(fill, dtype=image.dtype).reshape(-1, *([1] * len(grid))).repeat(1, *grid)
     source, target, offsets = [slice(None)], [slice(None)], []
     for n, g in zip(image.shape[1:], grid, strict=True):
         start = abs(g - n) // 2
@@ -184,12 +165,7 @@ def _averaged(
     return totals
 
 
-def _channel_rule(prep: PreprocessingRecord) -> tuple[str, Sequence[float]]:
-    """The channel name and CT window that choose the normalisation (`mednets.data.intensity`)."""
-    return next(iter(prep.channel_names.values())), prep.hu_window or (0.0, 1.0)
-
-
-def _prepared(run: LoadedRun, volume: Volume) -> tuple[Volume, torch.Tensor]:
+def _prepared(run: LoadedRun, volume: Volume) -> tuple[Volume, torch.Tensor, tuple[tuple[int, int], ...]]:
     """The input as the model saw it in training: oriented volume and normalised, resampled `[C, *S]`."""
     prep = run.preprocessing
     source = str(volume.meta.get("source", "input"))
@@ -200,10 +176,14 @@ def _prepared(run: LoadedRun, volume: Volume) -> tuple[Volume, torch.Tensor]:
                                 got=volume.array.shape)  # fmt: skip
     oriented = volume.reoriented(prep.orientation) if prep.orientation else volume
     array = oriented.array[None] if oriented.channel_axis is None else np.moveaxis(oriented.array, -1, 0)
-    image = torch.as_tensor(normalise(array, *_channel_rule(prep)))
-    if prep.spacing_mm is not None:
-        image = _resample(image, oriented.spacing, prep.spacing_mm, source)
-    return oriented, image
+    rules = prep.rules()
+    if len(rules) != array.shape[0]:
+        raise InvalidInputError(f"the run's model takes {len(rules)} channel(s)", source=source, got=array.shape[0])
+    plan = PreprocessingPlan(prep.spatial_dims, tuple(prep.spacing_mm) if prep.spacing_mm else None, prep.orientation,
+                             tuple(rules), crop=prep.crop)  # fmt: skip
+    spacing = oriented.spacing if prep.spatial_dims == 3 else (1.0,) * prep.spatial_dims
+    image, _, box = preprocess_arrays(list(array), None, spacing, plan, source=source)
+    return oriented, image, box
 
 
 def predict_image(
@@ -242,7 +222,7 @@ def predict_image(
     settings = replace(run.inference, **{key: value for key, value in chosen.items() if value is not None})
     prep = run.preprocessing
     clock = StageClock()
-    oriented, image = _prepared(run, volume)
+    oriented, image, box = _prepared(run, volume)
     clock.lap("preprocess")
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
     if isinstance(settings.tta, bool):
@@ -251,8 +231,8 @@ def predict_image(
         axes = list(settings.tta)
     with torch.no_grad(), autocast, reuse_freed_memory():  # the network's activations, not the scan's buffers
         if prep.grid:
-            fill = padding_value(*_channel_rule(prep))
-            model_input, offsets = _centre_pad_crop(image, prep.grid, fill)
+            fills = [padding_value(rule) for rule in prep.rules()]
+            model_input, offsets = _centre_pad_crop(image, prep.grid, fills)
 
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
                 return run.task.probabilities(run.model(x, **run.task.call_options))
@@ -274,10 +254,11 @@ def predict_image(
     if prep.grid:
         scores = _undo_pad_crop(scores, image.shape[1:], offsets)
     clock.lap("inference")
-    spatial = oriented.spatial_shape
-    labels = labels_from_logits(scores, spatial, priority=decoded.priority).numpy()  # float32 slab by slab
+    cropped = tuple(stop - start for start, stop in box)
+    indices = labels_from_logits(scores, cropped, priority=decoded.priority).numpy()  # float32 slab by slab
     label_ids = np.asarray([0, *run.structures.values()], dtype=np.uint8)
-    labels = label_ids[labels]  # channel index -> label id
+    labels = np.zeros(oriented.spatial_shape, dtype=np.uint8)  # outside the body box: background
+    labels[tuple(slice(start, stop) for start, stop in box)] = label_ids[indices]  # channel index -> label id
     voxel_ml = volume.voxel_volume_ml()
     counts = np.bincount(labels.ravel(), minlength=int(label_ids.max()) + 1)  # voxels per label, one pass
     dropped = drop_small_structures(labels, run.structures, voxel_ml, prep.smallest_training_volume_ml,

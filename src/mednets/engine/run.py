@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mednets.config import ExperimentConfig, load_config
+from mednets.data.intensity import DEFAULT_HU_WINDOW, ChannelNormalisation
 from mednets.engine.checkpoints import (
     load_checkpoint_config,
     load_model_weights,
@@ -36,7 +37,7 @@ from mednets.models import ModelSpec, create_model, get_model_spec
 from mednets.models.base import memory_format_for
 from mednets.tasks import create_task, task_type
 
-__all__ = ["PreprocessingRecord", "RunFolder", "build_model_for_labels"]
+__all__ = ["PreprocessingRecord", "RunFolder", "build_model_for_labels", "build_model_head"]
 
 
 @dataclass
@@ -50,8 +51,10 @@ class PreprocessingRecord:
         spacing_mm: voxel size the model saw (3D), or None to keep the input's.
         grid: whole-image models' fixed input size, else None.
         patch_size: the window size of patch-wise models (training patches, prediction windows).
-        hu_window: the CT window mapped to [0, 1] (`mednets.data.intensity`).
+        hu_window: the CT window of runs made before planning (their one normalisation rule).
         channel_names: {"0": name, ...} of the input channels (`dataset.json`).
+        normalisation: one `ChannelNormalisation` (as a dict) per input channel; None in older runs.
+        crop: inputs are cropped to their body box before the model sees them (whole-image models).
         smallest_training_volume_ml: {structure: smallest volume in training, mL} (the volume floor).
     """
 
@@ -64,6 +67,16 @@ class PreprocessingRecord:
     hu_window: list[float] | None = None
     channel_names: dict[str, str] = field(default_factory=lambda: {"0": "CT"})
     smallest_training_volume_ml: dict[str, float] = field(default_factory=dict)
+    normalisation: list[dict[str, Any]] | None = None
+    crop: bool = False
+
+    def rules(self) -> list[ChannelNormalisation]:
+        """Each input channel's normalisation; runs made before planning: their CT window, else per-image rescaling."""
+        if self.normalisation is not None:
+            return [ChannelNormalisation.from_dict(rule) for rule in self.normalisation]
+        names = [self.channel_names[key] for key in sorted(self.channel_names, key=int)]
+        return [ChannelNormalisation.window(self.hu_window or DEFAULT_HU_WINDOW) if name.upper() == "CT"
+                else ChannelNormalisation("rescale") for name in names]  # fmt: skip
 
     @property
     def window(self) -> tuple[int, ...] | None:
@@ -105,16 +118,24 @@ def build_model_for_labels(config: ExperimentConfig, num_labels: int | None) -> 
     Raises:
         ConfigError: the overridden output channels do not fit the labels.
     """
-    spec = get_model_spec(config.model.name)
     overrides = dict(config.model.overrides)
-    if num_labels is not None:
-        task = create_task(spec.task, num_classes=num_labels)
-        given = [overrides[name] for name in _OUT_CHANNEL_NAMES if name in overrides]
-        if given:
-            task.check_head(given[0])
-        else:
-            overrides["out_channels"] = task.out_channels
+    if num_labels is not None and not any(name in overrides for name in _OUT_CHANNEL_NAMES):
+        overrides["out_channels"] = build_model_head(config, num_labels)
     return create_model(config.model.name, **overrides)
+
+
+def build_model_head(config: ExperimentConfig, num_labels: int) -> int:
+    """The output channels the configured model gets for `num_labels` labels (with background).
+
+    Raises:
+        ConfigError: `model.overrides` sets output channels that do not fit the labels.
+    """
+    task = create_task(get_model_spec(config.model.name).task, num_classes=num_labels)
+    given = [config.model.overrides[name] for name in _OUT_CHANNEL_NAMES if name in config.model.overrides]
+    if given:
+        task.check_head(given[0])
+        return int(given[0])
+    return task.out_channels
 
 
 class RunFolder:
@@ -127,6 +148,7 @@ class RunFolder:
     CONFIG = "config.yaml"
     DATASET = "dataset.json"
     PREPROCESSING = "preprocessing.json"
+    PLAN = "plan.json"
     METRICS = "metrics.csv"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

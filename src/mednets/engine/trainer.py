@@ -20,17 +20,18 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig, save_config
+from mednets.engine.batches import EpochBatches, EpochSampler, training_loader
 from mednets.engine.checkpoints import load_model_weights, load_trainer_state, recover_checkpoint, save_checkpoint
 from mednets.engine.distributed import DistributedContext, all_reduce_sum, barrier
 from mednets.errors import CheckpointError, ConfigError, TrainingError
@@ -38,7 +39,7 @@ from mednets.host_memory import reuse_freed_memory
 from mednets.models.base import memory_format_for
 from mednets.tasks import Task
 
-__all__ = ["Trainer", "TrainState", "EpochSampler", "warmup_cosine"]
+__all__ = ["Trainer", "TrainState", "warmup_cosine"]
 
 
 @dataclass
@@ -51,35 +52,6 @@ class TrainState:
     elapsed_seconds: float = 0.0
     best_value: float | None = None
     best_step: int | None = None
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, sharded by rank, that can start mid-epoch (for exact resume).
-
-    Every rank draws the same permutation of `size` indices (seed + epoch), padded by wrapping to a
-    multiple of `world_size`, and takes every `world_size`-th index from `rank` on.
-    """
-
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Use the permutation of `epoch` and leave out this rank's first `skip` indices."""
-        self.epoch, self.skip = epoch, skip
-
-    def _indices(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        per_rank = math.ceil(self.size / self.world_size)
-        order += order[: per_rank * self.world_size - self.size]
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip :])
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.world_size) - self.skip
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -209,6 +181,8 @@ class Trainer:
         infer: Any = None,
         spatial_dims: int | None = None,
     ) -> None:
+        if config.train.batch_size is None:  # not planned (a denoising or hand-built run): two samples
+            config = replace(config, train=replace(config.train, batch_size=2))
         self.config, self.task, self.train_set, self.val_set = config, task, train_set, val_set
         self.run_dir = Path(run_dir)
         self.context = context or DistributedContext()
@@ -248,6 +222,7 @@ class Trainer:
                               source="train.batch_size", expected=f"at most {len(self.sampler)}",
                               got=settings.batch_size)  # fmt: skip
         self.state = TrainState()
+        self.data_seconds = 0.0  # this step's wait for its batches (logged: loading must hide behind compute)
         self.saved_step: int | None = None  # the step of checkpoints/last, once there is one
 
     # ------------------------------------------------------------------ checkpoints
@@ -297,25 +272,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _batches(self) -> Iterator[dict[str, Any]]:
-        """Training batches forever, epoch after epoch, starting at the saved position."""
+        """Training batches forever, epoch after epoch, starting at the saved position.
+
+        One loader serves every epoch, so its worker processes (`data.num_workers`) stay alive and keep
+        `prefetch_factor` batches ready while the model computes. The sampler tells the dataset each
+        sample's epoch with its index (`EpochIndexed`): workers hold their own copy of the dataset,
+        which the trainer cannot reach.
+        """
         settings = self.config.train
-        while True:
-            skip = self.state.batch_in_epoch * settings.batch_size
-            self.sampler.set_epoch(self.state.epoch, skip=skip)
-            if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(self.state.epoch)
-            loader = DataLoader(
-                self.train_set,
-                batch_size=settings.batch_size,
-                sampler=self.sampler,
-                num_workers=self.config.data.num_workers,
-                drop_last=True,
-            )
-            for batch in loader:
-                self.state.batch_in_epoch += 1
-                yield _to_device(batch, self.device, self.memory_format)
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+        batches = EpochBatches(self.sampler, settings.batch_size, len(self.train_set), self.state.epoch,
+                               self.state.batch_in_epoch)  # fmt: skip
+        loader = training_loader(self.train_set, batches, self.config.data.num_workers, self.device)
+        per_epoch = batches.per_epoch
+        for batch in loader:
+            self.state.batch_in_epoch += 1
+            if self.state.batch_in_epoch == per_epoch:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+            yield _to_device(batch, self.device, self.memory_format)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> Any:
@@ -327,7 +301,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for micro in range(settings.accumulation_steps):
+            waited = time.perf_counter()
             batch = next(batches)
+            self.data_seconds += time.perf_counter() - waited
             last = micro == settings.accumulation_steps - 1
             sync = self.train_model.no_sync() if self.context.enabled and not last else contextlib.nullcontext()
             with sync:
@@ -443,6 +419,7 @@ class Trainer:
         try:
             while self.state.step < min(stop, settings.max_steps):
                 step_start = time.perf_counter()
+                self.data_seconds = 0.0
                 terms = self._train_step(batches)
                 self.state.elapsed_seconds = time.perf_counter() - start
                 log.log(
@@ -451,6 +428,7 @@ class Trainer:
                         **{f"train/{k}": v for k, v in terms.items()},
                         "lr": self.scheduler.get_last_lr()[0],
                         "seconds_per_step": time.perf_counter() - step_start,
+                        "data_wait_seconds": self.data_seconds,
                     },
                 )
                 bar.update(1)
@@ -464,6 +442,7 @@ class Trainer:
             if validated_step != self.state.step:  # the final step always ends validated and saved
                 metrics = self._validate_and_checkpoint(log) or metrics
         finally:
+            batches.close()  # the loader's worker processes end here
             bar.close()
             log.close()
         return {"state": asdict(self.state), "metrics": metrics}

@@ -23,10 +23,14 @@ from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig
 from mednets.data.convert import ensure_phantom_datasets
 from mednets.data.dataset import Dataset, load_dataset
+from mednets.data.fingerprint import load_or_extract_fingerprint
 from mednets.data.histology import denoising_datasets
+from mednets.data.preprocessing import PreprocessedCache, preprocess_dataset
 from mednets.data.samples import label_atlas, segmentation_datasets
-from mednets.engine.distributed import DistributedContext, barrier, init_distributed
-from mednets.engine.run import PreprocessingRecord, RunFolder, build_model_for_labels
+from mednets.data.streaming import CachedCaseDataset
+from mednets.engine.distributed import DistributedContext, barrier, broadcast_from_main, init_distributed
+from mednets.engine.planning import Plan, cache_root, dataset_cache_folder, plan_training
+from mednets.engine.run import PreprocessingRecord, RunFolder, build_model_for_labels, build_model_head
 from mednets.engine.sliding_window import sliding_window
 from mednets.engine.trainer import Trainer
 from mednets.errors import ConfigError
@@ -76,43 +80,99 @@ class _Setup:
     record: PreprocessingRecord
     infer: Any = None  # the validation inferer of patch models
     dataset: Dataset | None = None  # the dataset folder of tasks that learn from labels
+    plan: Plan | None = None  # the training plan of tasks that learn from labels
 
 
-def _labelled_setup(config: ExperimentConfig, spec: ModelSpec, run_dir: Path, context: DistributedContext) -> _Setup:
-    """The setup of a task that learns from label maps (a dataset folder, 2D or 3D)."""
+@dataclass
+class _PlannedData:
+    """A dataset's plan and its preprocessed cache, and the cases preprocessing kept."""
+
+    plan: Plan
+    cache: PreprocessedCache
+    cases: list[str]
+
+
+def _planned_data(
+    config: ExperimentConfig, dataset: Dataset, spec: ModelSpec, run_dir: Path, context: DistributedContext,
+    *, resume: bool, progress: bool,
+) -> _PlannedData:  # fmt: skip
+    """Fingerprint, plan and preprocess the dataset (main process; the others wait, then read the cache).
+
+    A resumed run keeps the plan it was trained with (`plan.json` in the run folder); `data.plan` a
+    path reads that plan; otherwise the plan is made from the fingerprint and the config. Nothing is
+    written into the run folder here (`_write_run_records` writes the plan once the run is checked).
+    """
+    folder = dataset_cache_folder(cache_root(config), dataset.root)
+    saved = RunFolder(run_dir).path / RunFolder.PLAN
+    plan_path = (
+        saved if resume and saved.is_file() else (None if config.data.plan == "auto" else Path(config.data.plan))
+    )
+    workers = config.data.preprocess_workers
+    shared: tuple[dict, dict] | None = None
+    if context.is_main:
+        fingerprint = load_or_extract_fingerprint(dataset, folder, workers=workers, progress=progress)
+        if plan_path is not None:
+            if not plan_path.is_file():
+                raise ConfigError("plan file not found", source="data.plan", got=str(plan_path))
+            plan = Plan.from_dict(json.loads(plan_path.read_text(encoding="utf-8")), source=str(plan_path))
+        else:
+            out_channels = build_model_head(config, len(dataset.labels))
+            plan = plan_training(fingerprint, config, in_channels=len(fingerprint.channel_names),
+                                 out_channels=out_channels, device=context.device)  # fmt: skip
+        _, skipped = preprocess_dataset(dataset, fingerprint, plan.preprocessing, folder / plan.preprocessing.key(),
+                                        workers=workers, progress=progress)  # fmt: skip
+        shared = (plan.to_dict(), skipped)
+    plan_data, skipped = broadcast_from_main(shared, context)  # the other ranks train with the main's plan
+    plan = Plan.from_dict(plan_data)
+    cache = PreprocessedCache(folder / plan.preprocessing.key())
+    cases = [case.case_id for case in dataset.training if case.case_id not in skipped]
+    return _PlannedData(plan, cache, cases)
+
+
+def _labelled_setup(
+    config: ExperimentConfig, spec: ModelSpec, run_dir: Path, context: DistributedContext, *, resume: bool,
+    progress: bool,
+) -> _Setup:  # fmt: skip
+    """The setup of a task that learns from label maps (a dataset folder, 2D or 3D), planned from its fingerprint."""
     config, dataset = _labelled_dataset(config, run_dir, context, spec.spatial_dims)
+    planned = _planned_data(config, dataset, spec, run_dir, context, resume=resume, progress=progress)
+    plan, data = planned.plan, config.data
+    overrides = dict(config.model.overrides)
+    if plan.grid is not None:
+        overrides["grid_size"] = list(plan.grid)
+    config = replace(config, model=replace(config.model, overrides=overrides),
+                     data=replace(config.data, patch_size=tuple(plan.patch_size) if plan.patch_size else None),
+                     train=replace(config.train, batch_size=plan.batch_size))  # fmt: skip
     model = build_model_for_labels(config, len(dataset.labels))
-    grid = tuple(getattr(model, "grid_size", spec.input_size)) if spec.whole_image else None
-    patch_size = None if grid else config.data.patch_size
-    if grid is None and patch_size is None:
-        raise ConfigError("patch-wise models need data.patch_size", source="data.patch_size",
-                          expected=f"{spec.spatial_dims} sizes, e.g. {list(spec.input_size)}")  # fmt: skip
-    data = config.data
+    grid = tuple(plan.grid) if plan.grid else None
+    patch_size = tuple(plan.patch_size) if plan.patch_size else None
     train_set, val_set = segmentation_datasets(
-        dataset, grid=grid, patch_size=patch_size, hu_window=data.hu_window, spacing_mm=data.spacing_mm,
+        dataset, planned.cache, plan.preprocessing, cases=planned.cases, grid=grid, patch_size=patch_size,
         val_fraction=data.val_fraction, split_seed=data.split_seed, augment=data.augment, seed=config.train.seed,
-        organ_removal=data.organ_removal, organ_removal_prob=data.organ_removal_prob,
+        foreground_share=data.foreground_share, absent_share=data.absent_share, organ_removal=data.organ_removal,
+        organ_removal_prob=data.organ_removal_prob,
     )  # fmt: skip
     if config.model.init_from_data:
         if not hasattr(model, "init_from_label_frequency") or grid is None:
             raise ConfigError("this model cannot be initialised from data", source="model.init_from_data",
                               expected="false for this model", got=config.model.name)  # fmt: skip
-        atlas = label_atlas(train_set, len(dataset.labels), grid=grid, channel_names=dataset.channel_names,
-                            hu_window=data.hu_window, spacing_mm=data.spacing_mm)  # fmt: skip
+        atlas_cases = CachedCaseDataset(str(planned.cache.root), train_set.cases, pad_values=train_set.pad_values,
+                                        grid=grid)  # fmt: skip
+        atlas = label_atlas(atlas_cases, len(dataset.labels))
         model.init_from_label_frequency(
             atlas.frequency, floor=config.model.init_prior_floor, smallest_share=atlas.smallest_share
         )
     task = create_task(spec.task, num_classes=len(dataset.labels), **config.loss)
-    geometry = dataset.geometry(spacing_mm=data.spacing_mm, grid=grid)
+    prep = plan.preprocessing
     record = PreprocessingRecord(
-        spatial_dims=spec.spatial_dims, task=spec.task, orientation=geometry.orientation,
-        spacing_mm=geometry.spacing_mm, grid=list(grid) if grid else None,
-        patch_size=list(patch_size) if patch_size else None, hu_window=list(data.hu_window),
-        channel_names=dict(dataset.info["channel_names"]),
+        spatial_dims=spec.spatial_dims, task=spec.task, orientation=prep.orientation,
+        spacing_mm=list(prep.spacing) if prep.spacing else None, grid=list(grid) if grid else None,
+        patch_size=list(patch_size) if patch_size else None, channel_names=dict(dataset.info["channel_names"]),
         smallest_training_volume_ml=dataset.smallest_volumes_ml() if context.is_main else {},
+        normalisation=[rule.to_dict() for rule in prep.normalisation], crop=bool(grid) and prep.crop,
     )  # fmt: skip
     infer = None if grid else _validation_inferer(tuple(patch_size), config.train.precision)
-    return _Setup(config, train_set, val_set, model, task, record, infer, dataset)
+    return _Setup(config, train_set, val_set, model, task, record, infer, dataset, plan)
 
 
 def _image_setup(config: ExperimentConfig, spec: ModelSpec) -> _Setup:
@@ -175,6 +235,8 @@ def _write_run_records(folder: RunFolder, setup: _Setup, *, resume: bool) -> Non
     """Write `dataset.json` and `preprocessing.json` (atomically); a resumed run must find what its
     weights were trained with, or prediction would prepare inputs differently from training."""
     records = {folder.preprocessing_path: json.dumps(asdict(setup.record), indent=2)}
+    if setup.plan is not None:
+        records[folder.path / RunFolder.PLAN] = json.dumps(setup.plan.to_dict(), indent=1)
     if setup.dataset is not None:
         records[folder.dataset_path] = (setup.dataset.root / "dataset.json").read_text(encoding="utf-8")
     folder.path.mkdir(parents=True, exist_ok=True)
@@ -231,7 +293,7 @@ def run_training(
         config = replace(config, data=replace(config.data, dataset=str(data_dir)))
     torch.manual_seed(config.train.seed)
     if task_type(spec.task).uses_labels:
-        setup = _labelled_setup(config, spec, run_dir, context)
+        setup = _labelled_setup(config, spec, run_dir, context, resume=resume, progress=progress)
     else:
         setup = _image_setup(config, spec)
     _check_input_fits_model(setup, spec, context)

@@ -1,0 +1,380 @@
+"""A training plan from a dataset's fingerprint: voxel size, normalisation, patch or grid, batch size.
+
+nnU-Net's planning ideas, with mednets' models measured instead of modelled:
+
+- **voxel size**: the median of the cases'; on thick-slice data (one axis over 3x coarser than the
+  finest, with few voxels along it) that axis takes the 10th percentile of its spacings instead, so
+  thin-slice cases are not thrown away (nnU-Net's anisotropy rule). 2D images keep their pixels.
+- **normalisation** per channel from `channel_names` (`mednets.data.intensity`): CT clipped to the
+  foreground's 0.5-99.5 percentiles and z-scored with its mean and std; other modalities z-scored
+  per image; 8-bit colour over 255.
+- **patch size** (patch-wise models): from the median cropped case at that voxel size, shrunk along
+  its physically longest axis until a training step of batch 2 fits the memory budget. The memory of
+  a step is measured on the model: bytes autograd saves per input voxel in one forward at a small probe
+  input (`mednets.models.memory`), plus weights, gradients and AdamW's two moments.
+- **grid** (whole-image models such as SADAAn): the median cropped extent, at the largest size that
+  fits the budget; the voxel size follows from it (extent / grid).
+- **batch size**: as many as the budget holds, at least 2, at most what covers 5% of the dataset's
+  voxels (nnU-Net's cap: more would show the same voxels in every step).
+
+Every planned value can be overridden by the config (`data.spacing_mm`, `data.patch_size`,
+`data.hu_window`, `data.normalisation`, `model.overrides.grid_size`, `train.batch_size`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mednets.atomic import atomic_write_text
+from mednets.config import ExperimentConfig
+from mednets.data.fingerprint import Fingerprint
+from mednets.data.intensity import SCHEMES, ChannelNormalisation, scheme_for_channel
+from mednets.data.preprocessing import PreprocessingPlan
+from mednets.errors import ConfigError
+from mednets.models import create_model, get_model_spec
+from mednets.models.memory import saved_activation_bytes
+
+__all__ = [
+    "ANISOTROPY",
+    "Plan",
+    "cache_root",
+    "dataset_cache_folder",
+    "default_memory_budget_gb",
+    "fingerprint_table",
+    "plan_dataset",
+    "plan_training",
+]
+
+ANISOTROPY = 3.0  # an axis this many times coarser than the finest is thick-slice (nnU-Net's threshold)
+MAX_BATCH_SHARE = 0.05  # a batch covers at most this share of the dataset's voxels
+PLAN_VERSION = 1
+_GiB = 2**30
+
+
+@dataclass
+class Plan:
+    """What training does with a dataset, and why (`reasons`).
+
+    Attributes:
+        model: the registered model it was planned for.
+        signature: the fingerprint's dataset signature.
+        preprocessing: the cached data's voxel size, orientation, normalisation and crop.
+        patch_size: training window of patch-wise models, else None.
+        grid: input size of whole-image models, else None.
+        batch_size: samples per step.
+        median_shape: the median cropped case in voxels at the planned voxel size.
+        memory_budget_gb: the budget the patch (or grid) and batch were fitted into.
+        estimated_memory_gb: the estimated memory of one training step at that patch and batch.
+        reasons: one line per planned value: where it came from.
+    """
+
+    model: str
+    signature: str
+    preprocessing: PreprocessingPlan
+    patch_size: list[int] | None
+    grid: list[int] | None
+    batch_size: int
+    median_shape: list[int]
+    memory_budget_gb: float
+    estimated_memory_gb: float
+    reasons: dict[str, str] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "model": self.model, "signature": self.signature,
+                "preprocessing": self.preprocessing.to_dict(), "patch_size": self.patch_size, "grid": self.grid,
+                "batch_size": self.batch_size, "median_shape": self.median_shape,
+                "memory_budget_gb": self.memory_budget_gb, "estimated_memory_gb": self.estimated_memory_gb,
+                "reasons": self.reasons}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "plans.json") -> Plan:
+        """Read a plan (e.g. one written by `mednets plan --out` and edited).
+
+        Raises:
+            ConfigError: a missing or malformed key.
+        """
+        try:
+            values = dict(data)
+            values["preprocessing"] = PreprocessingPlan.from_dict(values["preprocessing"])
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"not a mednets plan ({error})", source=source) from error
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def table(self) -> list[tuple[str, str, str]]:
+        """(setting, value, why) rows: what `mednets plan` prints."""
+        prep = self.preprocessing
+        rules = [f"{r.scheme}" + (f" [{r.low:.4g}, {r.high:.4g}]" if r.low is not None else "")
+                 + (f" mean {r.mean:.4g} std {r.std:.4g}" if r.mean is not None else "") for r in prep.normalisation]  # fmt: skip
+        rows = [
+            (
+                "voxel size (mm)",
+                _listing(prep.spacing) if prep.spacing else "as stored",
+                self.reasons.get("spacing", ""),
+            ),
+            ("orientation", prep.orientation or "-", self.reasons.get("orientation", "")),
+            ("normalisation", "; ".join(rules), self.reasons.get("normalisation", "")),
+            ("crop", "body / non-zero box" if prep.crop else "none", ""),
+            ("median case (voxels)", _listing(self.median_shape), "after cropping, at the planned voxel size"),
+        ]
+        if self.grid:
+            rows.append(("grid", _listing(self.grid), self.reasons.get("grid", "")))
+        if self.patch_size:
+            rows.append(("patch size", _listing(self.patch_size), self.reasons.get("patch_size", "")))
+        rows += [
+            ("batch size", str(self.batch_size), self.reasons.get("batch_size", "")),
+            ("step memory (GiB)", f"{self.estimated_memory_gb:.2f} of {self.memory_budget_gb:.2f}",
+             "estimated: weights, gradients, AdamW moments, saved activations"),
+        ]  # fmt: skip
+        return rows
+
+
+def _listing(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def cache_root(config: ExperimentConfig) -> Path:
+    """Where preprocessed data is kept: `data.cache_dir`, `$MEDNETS_CACHE` or `~/.cache/mednets`."""
+    chosen = config.data.cache_dir or os.environ.get("MEDNETS_CACHE") or Path.home() / ".cache" / "mednets"
+    return Path(chosen).expanduser()
+
+
+def dataset_cache_folder(root: Path, dataset_root: Path) -> Path:
+    """The cache folder of one dataset folder: its name and a hash of its absolute path."""
+    resolved = dataset_root.resolve()
+    return root / "preprocessed" / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
+def default_memory_budget_gb(device: torch.device) -> float:
+    """A quarter of this machine's memory, at most 8 GiB (CPU); 80% of the GPU's memory (CUDA)."""
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.get_device_properties(device).total_memory / _GiB
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / _GiB
+    return min(8.0, total / 4)
+
+
+def _target_spacing(fingerprint: Fingerprint) -> tuple[list[float], str]:
+    """The median voxel size, with nnU-Net's anisotropy rule; and why."""
+    spacings = fingerprint.spacings()
+    target = np.median(spacings, axis=0)
+    shapes = np.array([case.shape for case in fingerprint.cases], dtype=float)
+    median_shape = np.median(shapes * spacings / target, axis=0)
+    worst = int(np.argmax(target))
+    others = [axis for axis in range(len(target)) if axis != worst]
+    thick = target[worst] > ANISOTROPY * min(target[others]) if others else False
+    if thick and median_shape[worst] * ANISOTROPY < max(median_shape[others]):
+        target[worst] = max(float(np.percentile(spacings[:, worst], 10)), float(max(target[others])) + 1e-5)
+        return [float(s) for s in target], f"median; thick-slice axis {worst} at the 10th percentile of its spacings"
+    return [float(s) for s in target], "median of the cases' voxel sizes"
+
+
+def _normalisation(fingerprint: Fingerprint, config: ExperimentConfig) -> tuple[list[ChannelNormalisation], str]:
+    """One rule per channel: `data.normalisation`, else a window when `data.hu_window` is set, else by name."""
+    data = config.data
+    names = fingerprint.channel_names
+    chosen = list(data.normalisation) if data.normalisation else None
+    if chosen is not None and len(chosen) != len(names):
+        raise ConfigError("one normalisation per channel", source="data.normalisation", expected=names, got=chosen)
+    dtype = np.dtype(fingerprint.cases[0].dtype)
+    rules, why = [], []
+    for index, name in enumerate(names):
+        scheme = chosen[index] if chosen else scheme_for_channel(name, dtype)
+        if scheme not in SCHEMES:
+            raise ConfigError("unknown normalisation", source="data.normalisation", expected=", ".join(SCHEMES),
+                              got=scheme)  # fmt: skip
+        if data.hu_window is not None and scheme == "ct" and not chosen:
+            scheme = "window"
+        if scheme == "window":
+            rules.append(ChannelNormalisation.window(data.hu_window or (-200.0, 300.0)))
+        elif scheme == "ct":
+            stats = fingerprint.foreground[index]
+            if not stats:
+                raise ConfigError("CT normalisation needs labelled foreground in the training cases",
+                                  source="data.normalisation", got=f"channel {name}")  # fmt: skip
+            rules.append(ChannelNormalisation("ct", stats["percentile_00_5"], stats["percentile_99_5"],
+                                              stats["mean"], max(stats["std"], 1e-6)))  # fmt: skip
+        else:
+            rules.append(ChannelNormalisation(scheme))
+        why.append(f"{name}: {scheme}" + (" (data.normalisation)" if chosen else ""))
+    return rules, "; ".join(why)
+
+
+@dataclass
+class _StepMemory:
+    """Bytes of a training step: fixed (weights, gradients, AdamW moments) + per input voxel of each sample."""
+
+    fixed: float
+    per_voxel: float
+
+    def gib(self, voxels: int, batch: int) -> float:
+        return (self.fixed + self.per_voxel * voxels * batch) / _GiB
+
+
+def _measured_step_memory(config: ExperimentConfig, in_channels: int, out_channels: int, dims: int) -> _StepMemory:
+    """Saved-activation bytes per input voxel of the configured model, at a small probe input, in its precision."""
+    spec = get_model_spec(config.model.name)
+    overrides = {**config.model.overrides, "out_channels": out_channels}
+    probe = [max(s, spec.size_multiple * 2) for s in (32,) * dims] if dims == 3 else [128, 128]
+    probe = [math.ceil(s / spec.size_multiple) * spec.size_multiple for s in probe]
+    if spec.whole_image:
+        overrides["grid_size"] = probe
+    model = create_model(config.model.name, **overrides).train()
+    x = torch.zeros(1, in_channels, *probe)
+    precision = config.train.precision
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("bf16", "fp16"))
+    with autocast:
+        saved = sum(size for _, size in saved_activation_bytes(model, x))
+    parameters = sum(p.numel() for p in model.parameters())
+    if spec.whole_image:  # per-voxel parameters (SADAAn's position prior) grow with the grid: counted per voxel
+        parameters = sum(p.numel() for p in model.parameters() if p.ndim < 4)
+    return _StepMemory(fixed=parameters * 16.0, per_voxel=saved / math.prod(probe))
+
+
+def _shrink_to_budget(
+    shape: Sequence[int], spacing: Sequence[float], multiple: int, memory: _StepMemory, budget_gb: float
+) -> list[int]:
+    """`shape` rounded up to `multiple`, shrunk along the physically longest axis until batch 2 fits the budget."""
+    size = [max(multiple, math.ceil(n / multiple) * multiple) for n in shape]
+    while memory.gib(math.prod(size), 2) > budget_gb:
+        candidates = [axis for axis in range(len(size)) if size[axis] > multiple]
+        if not candidates:
+            break
+        axis = max(candidates, key=lambda a: size[a] * spacing[a])
+        size[axis] -= multiple
+    return size
+
+
+def plan_training(
+    fingerprint: Fingerprint,
+    config: ExperimentConfig,
+    *,
+    in_channels: int,
+    out_channels: int,
+    device: torch.device | None = None,
+) -> Plan:
+    """Plan training of `config.model` on the fingerprinted dataset (module docstring); config values win.
+
+    Raises:
+        ConfigError: an impossible setting (a normalisation per channel that does not fit, an unknown scheme).
+    """
+    spec = get_model_spec(config.model.name)
+    data = config.data
+    dims = fingerprint.spatial_dims
+    reasons: dict[str, str] = {}
+    spacing: list[float] | None
+    if dims == 2:
+        spacing, reasons["spacing"] = None, "2D images keep their pixels"
+    elif data.spacing_mm is not None:
+        spacing, reasons["spacing"] = [float(s) for s in data.spacing_mm], "data.spacing_mm"
+    else:
+        spacing, reasons["spacing"] = _target_spacing(fingerprint)
+    rules, reasons["normalisation"] = _normalisation(fingerprint, config)
+    budget = data.memory_budget_gb or default_memory_budget_gb(device or torch.device("cpu"))
+    memory = _measured_step_memory(config, in_channels, out_channels, dims)
+    extents = np.median([case.cropped_extent_mm for case in fingerprint.cases], axis=0)
+    case_spacing = np.median(fingerprint.spacings(), axis=0)
+    grid = patch = None
+    if spec.whole_image:
+        given = config.model.overrides.get("grid_size")
+        if given is not None:
+            grid, reasons["grid"] = [int(g) for g in given], "model.overrides.grid_size"
+        else:
+            natural = np.maximum(1, np.round(extents / np.asarray(spacing or case_spacing))).astype(int)
+            grid = _shrink_to_budget(natural, extents / natural, spec.size_multiple, memory, budget)
+            reasons["grid"] = "median cropped extent, as large as the memory budget allows"
+        if dims == 3 and data.spacing_mm is None:
+            spacing = [float(e / g) for e, g in zip(extents, grid, strict=True)]
+            reasons["spacing"] = "median cropped extent / grid"
+    working = np.asarray(spacing) if spacing else case_spacing
+    median_shape = [max(1, round(float(v))) for v in extents / working]
+    if not spec.whole_image:
+        if data.patch_size is not None:
+            patch, reasons["patch_size"] = [int(p) for p in data.patch_size], "data.patch_size"
+        else:
+            patch = _shrink_to_budget(median_shape, working, max(spec.size_multiple, 8), memory, budget)
+            reasons["patch_size"] = "median case, shrunk along its longest axis to fit batch 2 in the memory budget"
+    window = grid or patch
+    assert window is not None
+    voxels = math.prod(window)
+    if config.train.batch_size is not None:
+        batch, reasons["batch_size"] = config.train.batch_size, "train.batch_size"
+    else:
+        fits = int((budget * _GiB - memory.fixed) // max(memory.per_voxel * voxels, 1.0))
+        dataset_voxels = sum(math.prod(median_shape) for _ in fingerprint.cases)
+        cap = max(2, int(MAX_BATCH_SHARE * dataset_voxels // voxels))
+        batch = max(2, min(fits, cap))
+        reasons["batch_size"] = "what the memory budget holds, 2 to 5% of the dataset's voxels"
+    orientation = fingerprint.orientation() if dims == 3 else None
+    reasons["orientation"] = "the most common of the cases'" if orientation else ""
+    preprocessing = PreprocessingPlan(dims, tuple(spacing) if spacing else None, orientation, tuple(rules))
+    return Plan(model=config.model.name, signature=fingerprint.signature, preprocessing=preprocessing,
+                patch_size=patch, grid=grid, batch_size=int(batch), median_shape=median_shape,
+                memory_budget_gb=round(float(budget), 3), estimated_memory_gb=round(memory.gib(voxels, batch), 3),
+                reasons=reasons)  # fmt: skip
+
+
+def plan_dataset(
+    dataset_root: str | os.PathLike[str],
+    config: ExperimentConfig,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> tuple[Plan, Fingerprint]:
+    """Fingerprint a dataset folder (or reuse its saved fingerprint) and plan `config.model`'s training on it.
+
+    Writes the plan to `out` (JSON, atomically) when given; `data.plan: <that file>` trains with it.
+
+    Raises:
+        DatasetError: an invalid dataset folder or an unreadable case.
+        ConfigError: an impossible setting.
+    """
+    from mednets.data.dataset import load_dataset
+    from mednets.data.fingerprint import load_or_extract_fingerprint
+    from mednets.devices import resolve_device
+    from mednets.engine.run import build_model_head
+
+    dataset = load_dataset(dataset_root, progress=progress)
+    folder = dataset_cache_folder(cache_root(config), dataset.root)
+    fingerprint = load_or_extract_fingerprint(
+        dataset, folder, workers=config.data.preprocess_workers, progress=progress
+    )
+    plan = plan_training(fingerprint, config, in_channels=len(fingerprint.channel_names),
+                         out_channels=build_model_head(config, len(dataset.labels)),
+                         device=resolve_device(config.train.device, source="train.device"))  # fmt: skip
+    if out is not None:
+        plan.save(out)
+    return plan, fingerprint
+
+
+def fingerprint_table(fingerprint: Fingerprint) -> list[tuple[str, str]]:
+    """(property, value) rows summarising a fingerprint: what `mednets plan` prints above the plan."""
+    spacings = fingerprint.spacings()
+    shapes = np.array([case.shape for case in fingerprint.cases])
+    rows = [
+        ("cases", str(len(fingerprint.cases))),
+        ("shape (min / median / max)", " / ".join(_listing([int(v) for v in f(shapes, axis=0)])
+                                                  for f in (np.min, np.median, np.max))),
+        ("voxel size mm (min / median / max)", " / ".join(_listing([round(float(v), 3) for v in f(spacings, axis=0)])
+                                                          for f in (np.min, np.median, np.max))),
+    ]  # fmt: skip
+    for name, stats in zip(fingerprint.channel_names, fingerprint.foreground, strict=True):
+        if stats:
+            rows.append((f"{name} in the foreground", f"mean {stats['mean']:.4g}, std {stats['std']:.4g}, "
+                         f"0.5-99.5% [{stats['percentile_00_5']:.4g}, {stats['percentile_99_5']:.4g}]"))  # fmt: skip
+    counts = fingerprint.presence_counts()
+    missing = {name: len(fingerprint.cases) - count for name, count in counts.items() if count < len(fingerprint.cases)}
+    rows.append(("absent in", ", ".join(f"{n} ({k})" for n, k in missing.items()) or "no case"))
+    return rows
