@@ -7,7 +7,7 @@ One run, on the same machine, of what issue 21 asks to show:
    dataset folder (links, same files);
 2. per dataset: the fingerprint's time, the plan for LHA-Net (`mednets plan` table), the preprocessing
    time (cases per minute, both cores) and the cache's size on disk;
-3. per model (LHA-Net with a planned patch, SADAAn with its config's 64³ grid) and dataset: ``--steps``
+3. per model (LHA-Net with the large dataset's planned patch, SADAAn with its config's 64³ grid) and dataset: ``--steps``
    training steps in a fresh `mednets train` process, with the peak of the summed resident memory of
    that process and its data-loader workers (sampled every 50 ms), and the share of each step's wall
    time not spent waiting for data (`data_wait_seconds` in metrics.csv, the first step left out: it
@@ -107,7 +107,6 @@ def _prepare(dataset_root: Path) -> dict:
     from mednets.data.fingerprint import load_or_extract_fingerprint
     from mednets.data.preprocessing import preprocess_dataset
     from mednets.engine.planning import cache_root, dataset_cache_folder, plan_training
-    from mednets.engine.run import build_model_head
 
     config = load_config(ROOT / "configs/lhanet_phantoms.yaml", ["data.patch_size=null"])
     dataset = load_dataset(dataset_root)
@@ -115,7 +114,7 @@ def _prepare(dataset_root: Path) -> dict:
     start = time.perf_counter()
     fingerprint = load_or_extract_fingerprint(dataset, folder, progress=False)
     fingerprint_seconds = time.perf_counter() - start
-    plan = plan_training(fingerprint, config, in_channels=1, out_channels=build_model_head(config, len(dataset.labels)))
+    plan = plan_training(fingerprint, config, in_channels=1, num_labels=len(dataset.labels))
     start = time.perf_counter()
     cache, skipped = preprocess_dataset(dataset, fingerprint, plan.preprocessing, folder / plan.preprocessing.key(),
                                         progress=False)  # fmt: skip
@@ -129,7 +128,7 @@ def _prepare(dataset_root: Path) -> dict:
 def _train(config: str, sets: list[str], dataset: Path, run: Path, steps: int, env: dict[str, str]) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     overrides = [*sets, f"train.max_steps={steps}", "train.val_every=100000", "train.max_minutes=null",
-                 "data.val_fraction=0.05", "train.warmup_steps=1"]  # fmt: skip
+                 "data.val_fraction=0", "train.warmup_steps=1"]  # fmt: skip
     command = [*MEDNETS, "train", config, "--data", str(dataset), "--out", str(run)]
     for item in overrides:
         command += ["--set", item]
@@ -175,7 +174,10 @@ def main() -> None:
     print("\n| model | cases | window | batch | s/step | compute share | peak RSS GiB (process + workers) |")
     print("|---|---|---|---|---|---|---|")
     peaks: dict[str, list[float]] = {}
+    patch = ",".join(map(str, plan.patch_size))
     for model, (config, sets) in MODELS.items():
+        if "data.patch_size=null" in sets:  # both datasets with the larger one's planned patch: memory compared alike
+            sets = [item for item in sets if item != "data.patch_size=null"] + [f"data.patch_size=[{patch}]"]
         for name, path in (("10", subset), (str(args.cases), full)):
             run = args.work / "runs" / f"{Path(config).stem}_{name}"
             r = _train(config, sets, path, run, args.steps, env)

@@ -245,3 +245,17 @@ def test_cached_case_pickles_for_worker_processes(phantoms: Path, tmp_path: Path
     copy = pickle.loads(pickle.dumps(samples))
     assert torch.equal(copy[0]["image"], samples[0]["image"])
     assert isinstance(cache, PreprocessedCache)
+
+
+def test_an_empty_label_map_is_logged_and_trains_as_background(tmp_path: Path, caplog) -> None:
+    root = write_phantom_dataset(tmp_path / "ds", 3, seed=2, config=PhantomConfig(shape=(16, 16, 16)))
+    label = root / "labelsTr" / "phantom_001.nii.gz"
+    volume = read_volume(label)
+    write_volume(Volume(np.zeros_like(volume.array), volume.affine), label)
+    with caplog.at_level("WARNING"):
+        _, fingerprint, cache, skipped = _cached(root, tmp_path / "c")
+    assert "phantom_001 has no labelled voxel" in caplog.text and skipped == {}
+    empty = CachedCaseDataset(str(cache.root), ["phantom_001"], pad_values=[0.0], patch_size=(8, 8, 8),
+                              foreground_share=1.0)  # fmt: skip
+    assert int(empty[0]["label"].max()) == 0  # no foreground to centre on: anywhere
+    assert fingerprint.foreground[0]  # the other cases' foreground still plans CT normalisation

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from mednets.models import create_model, get_model_spec
-from mednets.models.memory import saved_activation_bytes
-from mednets.reports.training_memory import SPLIT_TOLERANCE, training_memory
+from mednets.reports.training_memory import SPLIT_TOLERANCE, saved_activation_bytes, training_memory
 
 MB = 2**20
 

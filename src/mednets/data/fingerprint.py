@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ __all__ = [
     "load_or_extract_fingerprint",
     "read_case_arrays",
 ]
+
+log = logging.getLogger(__name__)
 
 FOREGROUND_SAMPLES = 10_000  # foreground voxels sampled per case and channel (nnU-Net's number)
 SPACING_OUTLIER = 10.0  # a case whose voxel size differs this many times from the median has a wrong header
@@ -221,6 +224,9 @@ def extract_fingerprint(
     if problems:
         raise DatasetError("cases could not be read: " + "; ".join(problems), source=str(dataset.root))
     cases = [results[case.case_id][0] for case in dataset.training]
+    for entry in cases:
+        if not any(entry.voxels.values()):
+            log.warning("case %s has no labelled voxel: it trains as background only", entry.case)
     channels = len(cases[0].intensity)
     pooled = [np.concatenate([results[c.case][1][k] for c in cases]) for k in range(channels)]
     fingerprint = Fingerprint(dataset_signature(dataset), _expanded_names(dataset, channels), dataset.structures,

@@ -10,8 +10,9 @@ nnU-Net's planning ideas, with mednets' models measured instead of modelled:
   per image; 8-bit colour over 255.
 - **patch size** (patch-wise models): from the median cropped case at that voxel size, shrunk along
   its physically longest axis until a training step of batch 2 fits the memory budget. The memory of
-  a step is measured on the model: bytes autograd saves per input voxel in one forward at a small probe
-  input (`mednets.models.memory`), plus weights, gradients and AdamW's two moments.
+  a step is measured, not modelled: the peak RSS of real training steps of the configured model
+  (its loss, optimizer, precision and layout) at two input sizes, in a fresh process, and a line
+  through them (a count of tensors misses most of it on CPU).
 - **grid** (whole-image models such as SADAAn): the median cropped extent, at the largest size that
   fits the budget; the voxel size follows from it (extent / grid).
 - **batch size**: as many as the budget holds, at least 2, at most what covers 5% of the dataset's
@@ -23,6 +24,7 @@ Every planned value can be overridden by the config (`data.spacing_mm`, `data.pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -42,7 +44,6 @@ from mednets.data.intensity import SCHEMES, ChannelNormalisation, scheme_for_cha
 from mednets.data.preprocessing import PreprocessingPlan
 from mednets.errors import ConfigError
 from mednets.models import create_model, get_model_spec
-from mednets.models.memory import saved_activation_bytes
 
 __all__ = [
     "ANISOTROPY",
@@ -137,7 +138,7 @@ class Plan:
         rows += [
             ("batch size", str(self.batch_size), self.reasons.get("batch_size", "")),
             ("step memory (GiB)", f"{self.estimated_memory_gb:.2f} of {self.memory_budget_gb:.2f}",
-             "estimated: weights, gradients, AdamW moments, saved activations"),
+             "peak RSS of the training process, from two measured training steps"),
         ]  # fmt: skip
         return rows
 
@@ -214,7 +215,7 @@ def _normalisation(fingerprint: Fingerprint, config: ExperimentConfig) -> tuple[
 
 @dataclass
 class _StepMemory:
-    """Bytes of a training step: fixed (weights, gradients, AdamW moments) + per input voxel of each sample."""
+    """Peak resident bytes of a training process: fixed (the process, weights, optimizer) + per input voxel of a sample."""
 
     fixed: float
     per_voxel: float
@@ -223,24 +224,98 @@ class _StepMemory:
         return (self.fixed + self.per_voxel * voxels * batch) / _GiB
 
 
-def _measured_step_memory(config: ExperimentConfig, in_channels: int, out_channels: int, dims: int) -> _StepMemory:
-    """Saved-activation bytes per input voxel of the configured model, at a small probe input, in its precision."""
+def _probe_sizes(spec: Any, dims: int) -> list[list[int]]:
+    """Two input sizes whose training steps are measured: small enough to be quick, large enough to rise above noise."""
+    multiple = max(spec.size_multiple, 8)
+    sides = (32, 48) if spec.whole_image else (48, 80) if dims == 3 else (128, 256)
+    return [[math.ceil(side / multiple) * multiple] * dims for side in sides]
+
+
+def _peak_rss_of_steps(job: tuple[ExperimentConfig, int, int, list[list[int]]]) -> list[int]:
+    """Peak resident bytes after two training steps at each probe size, smallest first (run in a fresh process).
+
+    The step is training's: the configured model, task loss, AdamW, precision, channels-last and
+    host-memory setting, at batch 1.
+    """
+    import contextlib
+
+    from mednets.host_memory import reuse_freed_memory
+    from mednets.models.base import memory_format_for
+    from mednets.tasks import create_task
+
+    config, in_channels, num_labels, probes = job
     spec = get_model_spec(config.model.name)
-    overrides = {**config.model.overrides, "out_channels": out_channels}
-    probe = [max(s, spec.size_multiple * 2) for s in (32,) * dims] if dims == 3 else [128, 128]
-    probe = [math.ceil(s / spec.size_multiple) * spec.size_multiple for s in probe]
-    if spec.whole_image:
-        overrides["grid_size"] = probe
-    model = create_model(config.model.name, **overrides).train()
-    x = torch.zeros(1, in_channels, *probe)
-    precision = config.train.precision
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("bf16", "fp16"))
-    with autocast:
-        saved = sum(size for _, size in saved_activation_bytes(model, x))
-    parameters = sum(p.numel() for p in model.parameters())
-    if spec.whole_image:  # per-voxel parameters (SADAAn's position prior) grow with the grid: counted per voxel
-        parameters = sum(p.numel() for p in model.parameters() if p.ndim < 4)
-    return _StepMemory(fixed=parameters * 16.0, per_voxel=saved / math.prod(probe))
+    task = create_task(spec.task, num_classes=num_labels, **config.loss)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
+    keep = reuse_freed_memory() if config.train.keep_freed_memory else contextlib.nullcontext()
+    peaks = []
+    with keep:
+        for probe in probes:
+            overrides = {"out_channels": task.out_channels, **config.model.overrides}
+            if spec.whole_image:
+                overrides["grid_size"] = probe
+            model = create_model(config.model.name, **overrides).train()
+            layout = memory_format_for(len(probe)) if config.train.channels_last else torch.contiguous_format
+            model = model.to(memory_format=layout)
+            optimizer = torch.optim.AdamW(model.parameters())
+            batch = {"image": torch.randn(1, in_channels, *probe).to(memory_format=layout),
+                     "label": torch.zeros(1, *probe, dtype=torch.long),
+                     "presence": torch.ones(1, num_labels - 1, dtype=torch.bool)}  # fmt: skip
+            _reset_peak_rss()
+            for _ in range(2):  # the first step creates AdamW's moments
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    outputs = model(batch["image"])
+                task.loss(outputs, batch)["total"].backward()
+                optimizer.step()
+            del model, optimizer, outputs
+            peaks.append(_peak_rss())
+    return peaks
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux), so each probe's peak is its own and not the imports' or the last probe's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int:
+    """The peak resident bytes since `_reset_peak_rss` (Linux `VmHWM`), else since the process began."""
+    import resource
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measured_step_memory(config: ExperimentConfig, in_channels: int, num_labels: int, dims: int) -> _StepMemory:
+    """The memory of a training process, measured: peak RSS of training steps at two input sizes, a line through them.
+
+    Measured in a fresh process, so that neither this process's memory nor its allocator's history
+    counts. On CPU the peak RSS of a step is about 2.5x the bytes of the live tensors (oneDNN's
+    blocked copies of activations and weights, the kept heap: benchmarks/RESULTS.md), which a count of
+    tensors misses.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spec = get_model_spec(config.model.name)
+    probes = _probe_sizes(spec, dims)
+    key = json.dumps([config.model.name, config.model.overrides, config.loss, config.train.precision,
+                      config.train.channels_last, config.train.keep_freed_memory, in_channels, num_labels, probes],
+                     sort_keys=True, default=str)  # fmt: skip
+    if key not in _MEASURED:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            small, large = pool.submit(_peak_rss_of_steps, (config, in_channels, num_labels, probes)).result()
+        voxels = [math.prod(probe) for probe in probes]
+        per_voxel = max((large - small) / (voxels[1] - voxels[0]), 1.0)
+        _MEASURED[key] = _StepMemory(fixed=max(small - per_voxel * voxels[0], 0.0), per_voxel=per_voxel)
+    return _MEASURED[key]
+
+
+_MEASURED: dict[str, _StepMemory] = {}  # one measurement per model setting and process: it takes seconds
 
 
 def _shrink_to_budget(
@@ -262,7 +337,7 @@ def plan_training(
     config: ExperimentConfig,
     *,
     in_channels: int,
-    out_channels: int,
+    num_labels: int,
     device: torch.device | None = None,
 ) -> Plan:
     """Plan training of `config.model` on the fingerprinted dataset (module docstring); config values win.
@@ -283,7 +358,7 @@ def plan_training(
         spacing, reasons["spacing"] = _target_spacing(fingerprint)
     rules, reasons["normalisation"] = _normalisation(fingerprint, config)
     budget = data.memory_budget_gb or default_memory_budget_gb(device or torch.device("cpu"))
-    memory = _measured_step_memory(config, in_channels, out_channels, dims)
+    memory = _measured_step_memory(config, in_channels, num_labels, dims)
     extents = np.median([case.cropped_extent_mm for case in fingerprint.cases], axis=0)
     case_spacing = np.median(fingerprint.spacings(), axis=0)
     grid = patch = None
@@ -306,6 +381,10 @@ def plan_training(
         else:
             patch = _shrink_to_budget(median_shape, working, max(spec.size_multiple, 8), memory, budget)
             reasons["patch_size"] = "median case, shrunk along its longest axis to fit batch 2 in the memory budget"
+            if memory.gib(math.prod(patch), 2) > budget:
+                raise ConfigError(f"training {config.model.name} needs about {memory.gib(math.prod(patch), 2):.2f} GiB "
+                                  f"even at the smallest patch {patch}", source="data.memory_budget_gb",
+                                  expected="a larger budget, or data.patch_size", got=budget)  # fmt: skip
     window = grid or patch
     assert window is not None
     voxels = math.prod(window)
@@ -344,15 +423,13 @@ def plan_dataset(
     from mednets.data.dataset import load_dataset
     from mednets.data.fingerprint import load_or_extract_fingerprint
     from mednets.devices import resolve_device
-    from mednets.engine.run import build_model_head
 
     dataset = load_dataset(dataset_root, progress=progress)
     folder = dataset_cache_folder(cache_root(config), dataset.root)
     fingerprint = load_or_extract_fingerprint(
         dataset, folder, workers=config.data.preprocess_workers, progress=progress
     )
-    plan = plan_training(fingerprint, config, in_channels=len(fingerprint.channel_names),
-                         out_channels=build_model_head(config, len(dataset.labels)),
+    plan = plan_training(fingerprint, config, in_channels=len(fingerprint.channel_names), num_labels=len(dataset.labels),
                          device=resolve_device(config.train.device, source="train.device"))  # fmt: skip
     if out is not None:
         plan.save(out)

@@ -116,9 +116,9 @@ def _planned_data(
                 raise ConfigError("plan file not found", source="data.plan", got=str(plan_path))
             plan = Plan.from_dict(json.loads(plan_path.read_text(encoding="utf-8")), source=str(plan_path))
         else:
-            out_channels = build_model_head(config, len(dataset.labels))
+            build_model_head(config, len(dataset.labels))  # a head that does not fit the labels stops here
             plan = plan_training(fingerprint, config, in_channels=len(fingerprint.channel_names),
-                                 out_channels=out_channels, device=context.device)  # fmt: skip
+                                 num_labels=len(dataset.labels), device=context.device)  # fmt: skip
         _, skipped = preprocess_dataset(dataset, fingerprint, plan.preprocessing, folder / plan.preprocessing.key(),
                                         workers=workers, progress=progress)  # fmt: skip
         shared = (plan.to_dict(), skipped)
