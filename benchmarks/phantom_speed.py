@@ -42,21 +42,22 @@ SETTINGS = {
 
 
 class PeakRss:
-    """Peak of the summed resident memory of this process and its descendants, sampled in a thread."""
+    """Peak of the summed resident memory of a process (default: this one) and its descendants, sampled in a thread."""
 
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, pid: int | None = None, interval: float = 0.02):
+        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a worker that just ended
-                    total += process.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
+        with contextlib.suppress(psutil.Error):  # the process ended
+            root = psutil.Process(self.pid)
+            while not self._stop.is_set():
+                total = 0
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):  # a worker that just ended
+                        total += process.memory_info().rss
+                self.peak = max(self.peak, total)
+                time.sleep(self.interval)
 
     def __enter__(self) -> PeakRss:
         self._thread.start()

@@ -21,7 +21,6 @@ The work folder keeps the phantoms and the cache between runs (`--fresh-cache` p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import json
@@ -29,11 +28,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from phantom_speed import PeakRss  # benchmarks run as scripts: their folder is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDNETS = [str(Path(sys.executable).parent / "mednets")]
@@ -43,38 +41,13 @@ MODELS = {
 }
 
 
-class PeakRss:
-    """Peak of the summed resident memory of a process and its descendants, sampled in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(self.pid)
-            while not self._stop.is_set():
-                total = 0
-                for process in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):  # a worker that just ended
-                        total += process.memory_info().rss
-                self.peak = max(self.peak, total)
-                time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 def _run(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     """Run `command`; its wall time, peak tree RSS and output. Stops the benchmark if it fails."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = PeakRss(process.pid)
-    output, _ = process.communicate()
-    rss = peak.stop()
+    with PeakRss(process.pid, interval=0.05) as peak:
+        output, _ = process.communicate()
+    rss = peak.peak
     if process.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{output[-3000:]}")
     return time.perf_counter() - start, rss, output
