@@ -75,7 +75,8 @@ class Plan:
         batch_size: samples per step.
         median_shape: the median cropped case in voxels at the planned voxel size.
         memory_budget_gb: the budget the patch (or grid) and batch were fitted into.
-        estimated_memory_gb: the estimated memory of one training step at that patch and batch.
+        estimated_memory_gb: the measured memory of training at that patch and batch (None: the config set
+            both, nothing was measured).
         reasons: one line per planned value: where it came from.
     """
 
@@ -87,7 +88,7 @@ class Plan:
     batch_size: int
     median_shape: list[int]
     memory_budget_gb: float
-    estimated_memory_gb: float
+    estimated_memory_gb: float | None
     reasons: dict[str, str] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
@@ -137,7 +138,9 @@ class Plan:
             rows.append(("patch size", _listing(self.patch_size), self.reasons.get("patch_size", "")))
         rows += [
             ("batch size", str(self.batch_size), self.reasons.get("batch_size", "")),
-            ("step memory (GiB)", f"{self.estimated_memory_gb:.2f} of {self.memory_budget_gb:.2f}",
+            ("step memory (GiB)",
+             "not measured" if self.estimated_memory_gb is None
+             else f"{self.estimated_memory_gb:.2f} of {self.memory_budget_gb:.2f}",
              "peak RSS of the training process, from two measured training steps"),
         ]  # fmt: skip
         return rows
@@ -358,16 +361,18 @@ def plan_training(
         spacing, reasons["spacing"] = _target_spacing(fingerprint)
     rules, reasons["normalisation"] = _normalisation(fingerprint, config)
     budget = data.memory_budget_gb or default_memory_budget_gb(device or torch.device("cpu"))
-    memory = _measured_step_memory(config, in_channels, num_labels, dims)
+    given = config.model.overrides.get("grid_size") if spec.whole_image else data.patch_size
+    measured = given is None or config.train.batch_size is None  # a window and batch the config sets need no measure
+    memory = _measured_step_memory(config, in_channels, num_labels, dims) if measured else None
     extents = np.median([case.cropped_extent_mm for case in fingerprint.cases], axis=0)
     case_spacing = np.median(fingerprint.spacings(), axis=0)
     grid = patch = None
     if spec.whole_image:
-        given = config.model.overrides.get("grid_size")
         if given is not None:
             grid, reasons["grid"] = [int(g) for g in given], "model.overrides.grid_size"
         else:
             natural = np.maximum(1, np.round(extents / np.asarray(spacing or case_spacing))).astype(int)
+            assert memory is not None
             grid = _shrink_to_budget(natural, extents / natural, spec.size_multiple, memory, budget)
             reasons["grid"] = "median cropped extent, as large as the memory budget allows"
         if dims == 3 and data.spacing_mm is None:
@@ -379,6 +384,7 @@ def plan_training(
         if data.patch_size is not None:
             patch, reasons["patch_size"] = [int(p) for p in data.patch_size], "data.patch_size"
         else:
+            assert memory is not None
             patch = _shrink_to_budget(median_shape, working, max(spec.size_multiple, 8), memory, budget)
             reasons["patch_size"] = "median case, shrunk along its longest axis to fit batch 2 in the memory budget"
             if memory.gib(math.prod(patch), 2) > budget:
@@ -391,6 +397,7 @@ def plan_training(
     if config.train.batch_size is not None:
         batch, reasons["batch_size"] = config.train.batch_size, "train.batch_size"
     else:
+        assert memory is not None
         fits = int((budget * _GiB - memory.fixed) // max(memory.per_voxel * voxels, 1.0))
         dataset_voxels = sum(math.prod(median_shape) for _ in fingerprint.cases)
         cap = max(2, int(MAX_BATCH_SHARE * dataset_voxels // voxels))
@@ -401,7 +408,7 @@ def plan_training(
     preprocessing = PreprocessingPlan(dims, tuple(spacing) if spacing else None, orientation, tuple(rules))
     return Plan(model=config.model.name, signature=fingerprint.signature, preprocessing=preprocessing,
                 patch_size=patch, grid=grid, batch_size=int(batch), median_shape=median_shape,
-                memory_budget_gb=round(float(budget), 3), estimated_memory_gb=round(memory.gib(voxels, batch), 3),
+                memory_budget_gb=round(float(budget), 3), estimated_memory_gb=round(memory.gib(voxels, batch), 3) if memory else None,
                 reasons=reasons)  # fmt: skip
 
 
