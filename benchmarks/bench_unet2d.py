@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from mednets.data.dataset import load_dataset
+from mednets.data.fingerprint import read_case_arrays
+from mednets.data.intensity import normalise
 from mednets.data.io import read_any
-from mednets.data.transforms import LoadVolumed
 from mednets.engine.inference import load_run, predict_image
 from mednets.metrics import score_structures
 from mednets.reports.sample_figures import segmentation_overlays
@@ -37,15 +38,15 @@ def main() -> None:
     torch.set_num_threads(2)
     run = load_run(args.run)
     dataset = load_dataset(args.test)
-    loader = LoadVolumed(["image", "label"], channel_names=dataset.channel_names, hu_window=run.preprocessing.hu_window)
     per_structure: dict[str, list[float]] = {name: [] for name in run.structures}
     case_dice, samples, seconds = [], [], 0.0
     for case in dataset.training:
         start = time.perf_counter()
         prediction = predict_image(run, read_any(case.images[0])).labels
         seconds += time.perf_counter() - start
-        record = loader(dataset.records([case.case_id])[0])
-        image, truth = np.asarray(record["image"]), np.asarray(record["label"])[0].astype(np.int64)
+        channels, labels, _ = read_case_arrays(case)
+        image = np.stack([normalise(c, rule) for c, rule in zip(channels, run.preprocessing.rules(), strict=True)])
+        truth = np.asarray(labels).astype(np.int64)
         scores = score_structures(prediction, truth, run.structures, (1.0, 1.0))
         dices = [s.dice for s in scores.values() if s.dice is not None]
         for name, score in scores.items():

@@ -21,6 +21,12 @@ from mednets.errors import ConfigError, MednetsError
 
 __all__ = ["app", "main"]
 
+# `--set KEY=VALUE` of every command that reads an experiment config.
+ConfigOverrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable)."),
+]
+
 app = typer.Typer(
     name="mednets",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -249,9 +255,7 @@ def train_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a run already in the run folder (its files go first).")
     ] = False,
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")
-    ] = None,
+    overrides: ConfigOverrides = None,
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, TensorBoard events and checkpoints into the run folder."""
     from mednets.config import load_config
@@ -287,9 +291,7 @@ def plan_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Write the plan as JSON (train with data.plan=<file>).")
     ] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set data.memory_budget_gb=4.")
-    ] = None,
+    overrides: ConfigOverrides = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -406,9 +408,7 @@ def demo_command(
     config: Annotated[
         Path | None, typer.Option("--config", help="Experiment YAML (default: configs/sadaan_demo.yaml).")
     ] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.lr=1e-3 (repeatable).")
-    ] = None,
+    overrides: ConfigOverrides = None,
 ) -> None:
     """Phantoms with absent organs -> train SADAAn -> predict held-out cases -> evaluate -> report.html (~15 min on 2 CPU cores)."""
     from mednets.demo import run_demo

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["reuse_freed_memory", "total_memory_bytes"]
 
 # mallopt parameters and glibc's defaults (malloc/malloc.c)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -74,3 +75,8 @@ def reuse_freed_memory() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _set(keep=False)
+
+
+def total_memory_bytes() -> int:
+    """This machine's physical memory in bytes (the planner's and preprocessing's memory limits start from it)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -30,7 +30,6 @@ __all__ = [
     "DEFAULT_MIN_VOXELS",
     "Case",
     "Dataset",
-    "Geometry",
     "load_dataset",
     "presence_targets",
     "read_label_map",
@@ -49,14 +48,6 @@ def read_label_map(path: str | os.PathLike[str], rows: tuple[int, int] | None = 
 
     labels = read_any(path).array
     return labels[rows[0] : rows[1]] if rows is not None else labels
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What training records about the voxels the model saw (3D datasets; None for 2D images)."""
-
-    orientation: str | None
-    spacing_mm: list[float] | None
 
 
 @dataclass(frozen=True)
@@ -120,24 +111,6 @@ class Dataset:
         """The names of the channel files, in channel order (they choose each channel's normalisation)."""
         names = self.info["channel_names"]
         return [str(names[key]) for key in sorted(names, key=int)]
-
-    def geometry(self, *, spacing_mm: list[float] | tuple[float, ...] | None, grid: tuple[int, ...] | None) -> Geometry:
-        """The orientation and voxel size a model trained on this dataset sees (None for 2D datasets).
-
-        The voxel size is the training data's median spacing (or `spacing_mm` when training resamples),
-        or, for a whole-image `grid` model, the median field of view divided by the grid.
-        """
-        if self.spatial_dims == 2:
-            return Geometry(None, None)
-        from mednets.data.io import read_volume
-
-        volumes = [read_volume(case.images[0]) for case in self.training]
-        if grid is not None:
-            extents = np.array([np.array(v.spatial_shape) * np.array(v.spacing) for v in volumes])
-            spacing = np.median(extents, axis=0) / np.array(grid)
-        else:
-            spacing = np.median(np.array([spacing_mm or v.spacing for v in volumes], dtype=float), axis=0)
-        return Geometry(volumes[0].orientation, [float(s) for s in spacing])
 
     def case(self, case_id: str) -> Case:
         for case in self.training + self.test:

@@ -203,9 +203,11 @@ def _expanded_names(dataset: Dataset, count: int) -> list[str]:
 
 
 def extract_fingerprint(
-    dataset: Dataset, *, workers: int | None = None, progress: bool = True, seed: int = 0
+    dataset: Dataset, *, workers: int | None = None, progress: bool = True, seed: int = 0, signature: str | None = None
 ) -> Fingerprint:
     """Read every training case once (in worker processes) into the dataset's fingerprint.
+
+    `signature` is the dataset's `dataset_signature` when the caller has it already (else computed).
 
     Raises:
         DatasetError: a case that cannot be read (every such case named), or whose voxel size differs
@@ -229,7 +231,7 @@ def extract_fingerprint(
             log.warning("case %s has no labelled voxel: it trains as background only", entry.case)
     channels = len(cases[0].intensity)
     pooled = [np.concatenate([results[c.case][1][k] for c in cases]) for k in range(channels)]
-    fingerprint = Fingerprint(dataset_signature(dataset), _expanded_names(dataset, channels), dataset.structures,
+    fingerprint = Fingerprint(signature or dataset_signature(dataset), _expanded_names(dataset, channels), dataset.structures,
                               cases, [_statistics(values) for values in pooled])  # fmt: skip
     _check_spacings(fingerprint, dataset.root)
     return fingerprint
@@ -260,7 +262,7 @@ def load_or_extract_fingerprint(
                 return saved
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable or older fingerprint is extracted again
-    fingerprint = extract_fingerprint(dataset, workers=workers, progress=progress)
+    fingerprint = extract_fingerprint(dataset, workers=workers, progress=progress, signature=signature)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, fingerprint.to_json())
     return fingerprint

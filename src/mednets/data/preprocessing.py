@@ -38,9 +38,10 @@ from mednets.data.cropping import body_box
 from mednets.data.dataset import Case, Dataset
 from mednets.data.fingerprint import Fingerprint
 from mednets.data.intensity import ChannelNormalisation, normalise
-from mednets.data.parallel import map_cases
+from mednets.data.parallel import default_workers, map_cases
 from mednets.data.volume import Volume, max_voxels
 from mednets.errors import DatasetError, InvalidInputError
+from mednets.host_memory import total_memory_bytes
 
 __all__ = [
     "CachedCase",
@@ -313,8 +314,7 @@ def _preprocess_case(job: tuple[Dataset, Case, PreprocessingPlan, str]) -> str:
 
 def _memory_limit(workers: int) -> int:
     """Bytes one worker may use: half of this machine's memory shared by the workers."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * 0.5 / max(1, workers))
+    return int(total_memory_bytes() * 0.5 / max(1, workers))
 
 
 def preprocess_dataset(
@@ -342,8 +342,6 @@ def preprocess_dataset(
         atomic_write_text(saved_plan, json.dumps(plan.to_dict(), indent=1))
     cache.remove_leftovers()
     todo = [case for case in dataset.training if not cache.is_complete(case.case_id)]
-    from mednets.data.parallel import default_workers
-
     workers = default_workers(len(todo)) if workers is None else workers
     limit = memory_limit_bytes or _memory_limit(workers)
     by_id = {entry.case: entry for entry in fingerprint.cases}

@@ -40,9 +40,10 @@ import torch
 from mednets.atomic import atomic_write_text
 from mednets.config import ExperimentConfig
 from mednets.data.fingerprint import Fingerprint
-from mednets.data.intensity import SCHEMES, ChannelNormalisation, scheme_for_channel
+from mednets.data.intensity import DEFAULT_HU_WINDOW, SCHEMES, ChannelNormalisation, scheme_for_channel
 from mednets.data.preprocessing import PreprocessingPlan
 from mednets.errors import ConfigError
+from mednets.host_memory import total_memory_bytes
 from mednets.models import create_model, get_model_spec
 
 __all__ = [
@@ -166,8 +167,7 @@ def default_memory_budget_gb(device: torch.device) -> float:
     """A quarter of this machine's memory, at most 8 GiB (CPU); 80% of the GPU's memory (CUDA)."""
     if device.type == "cuda":
         return 0.8 * torch.cuda.get_device_properties(device).total_memory / _GiB
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / _GiB
-    return min(8.0, total / 4)
+    return min(8.0, total_memory_bytes() / _GiB / 4)
 
 
 def _target_spacing(fingerprint: Fingerprint) -> tuple[list[float], str]:
@@ -202,7 +202,7 @@ def _normalisation(fingerprint: Fingerprint, config: ExperimentConfig) -> tuple[
         if data.hu_window is not None and scheme == "ct" and not chosen:
             scheme = "window"
         if scheme == "window":
-            rules.append(ChannelNormalisation.window(data.hu_window or (-200.0, 300.0)))
+            rules.append(ChannelNormalisation.window(data.hu_window or DEFAULT_HU_WINDOW))
         elif scheme == "ct":
             stats = fingerprint.foreground[index]
             if not stats:

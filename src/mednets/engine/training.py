@@ -93,8 +93,8 @@ class _PlannedData:
 
 
 def _planned_data(
-    config: ExperimentConfig, dataset: Dataset, spec: ModelSpec, run_dir: Path, context: DistributedContext,
-    *, resume: bool, progress: bool,
+    config: ExperimentConfig, dataset: Dataset, run_dir: Path, context: DistributedContext, *, resume: bool,
+    progress: bool,
 ) -> _PlannedData:  # fmt: skip
     """Fingerprint, plan and preprocess the dataset (main process; the others wait, then read the cache).
 
@@ -135,7 +135,7 @@ def _labelled_setup(
 ) -> _Setup:  # fmt: skip
     """The setup of a task that learns from label maps (a dataset folder, 2D or 3D), planned from its fingerprint."""
     config, dataset = _labelled_dataset(config, run_dir, context, spec.spatial_dims)
-    planned = _planned_data(config, dataset, spec, run_dir, context, resume=resume, progress=progress)
+    planned = _planned_data(config, dataset, run_dir, context, resume=resume, progress=progress)
     plan, data = planned.plan, config.data
     overrides = dict(config.model.overrides)
     if plan.grid is not None:
