@@ -9,7 +9,8 @@ One run, on the same machine, of what issue 21 asks to show:
    time (cases per minute, both cores) and the cache's size on disk;
 3. per model (LHA-Net with the large dataset's planned patch, SADAAn with its config's 64³ grid) and dataset: ``--steps``
    training steps in a fresh `mednets train` process, with the peak of the summed resident memory of
-   that process and its data-loader workers (sampled every 50 ms), and the share of each step's wall
+   that process and its data-loader workers (sampled every 50 ms; RSS, and PSS, which counts once the
+   pages a forked worker shares with its parent), and the share of each step's wall
    time not spent waiting for data (`data_wait_seconds` in metrics.csv, the first step left out: it
    waits for the worker to start).
 
@@ -35,22 +36,24 @@ from phantom_speed import PeakRss  # benchmarks run as scripts: their folder is 
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDNETS = [str(Path(sys.executable).parent / "mednets")]
+# What a real dataset gets: the plan's CT normalisation and nnU-Net's augmentations, not the phantom
+# configs' fixed window and light set.
+REAL_DATA = ["data.hu_window=null", "data.augmentation=nnunet"]
 MODELS = {
-    "LHA-Net (planned patch)": ("configs/lhanet_phantoms.yaml", ["data.patch_size=null"]),
-    "SADAAn (64³ grid)": ("configs/sadaan_phantoms.yaml", []),
+    "LHA-Net (planned patch)": ("configs/lhanet_phantoms.yaml", ["data.patch_size=null", *REAL_DATA]),
+    "SADAAn (64³ grid)": ("configs/sadaan_phantoms.yaml", REAL_DATA),
 }
 
 
-def _run(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Run `command`; its wall time, peak tree RSS and output. Stops the benchmark if it fails."""
+def _run(command: list[str], env: dict[str, str]) -> tuple[float, PeakRss, str]:
+    """Run `command`; its wall time, peak tree memory (RSS and PSS) and output. Stops the benchmark if it fails."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with PeakRss(process.pid, interval=0.05) as peak:
+    with PeakRss(process.pid, interval=0.05, proportional=True) as peak:
         output, _ = process.communicate()
-    rss = peak.peak
     if process.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{output[-3000:]}")
-    return time.perf_counter() - start, rss, output
+    return time.perf_counter() - start, peak, output
 
 
 def _phantoms(work: Path, cases: int, env: dict[str, str]) -> tuple[Path, Path, float | None]:
@@ -81,7 +84,7 @@ def _prepare(dataset_root: Path) -> dict:
     from mednets.data.preprocessing import preprocess_dataset
     from mednets.engine.planning import cache_root, dataset_cache_folder, plan_training
 
-    config = load_config(ROOT / "configs/lhanet_phantoms.yaml", ["data.patch_size=null"])
+    config = load_config(ROOT / MODELS["LHA-Net (planned patch)"][0], MODELS["LHA-Net (planned patch)"][1])
     dataset = load_dataset(dataset_root)
     folder = dataset_cache_folder(cache_root(config), dataset.root)
     start = time.perf_counter()
@@ -105,13 +108,13 @@ def _train(config: str, sets: list[str], dataset: Path, run: Path, steps: int, e
     command = [*MEDNETS, "train", config, "--data", str(dataset), "--out", str(run)]
     for item in overrides:
         command += ["--set", item]
-    seconds, rss, _ = _run(command, env)
+    seconds, peak, _ = _run(command, env)
     rows = [row for row in csv.DictReader((run / "metrics.csv").open()) if row.get("seconds_per_step")]
     timed = rows[1:]
     step = sum(float(r["seconds_per_step"]) for r in timed)
     wait = sum(float(r["data_wait_seconds"]) for r in timed)
     plan = json.loads((run / "plan.json").read_text())
-    return {"peak_gb": rss / 2**30, "seconds_per_step": step / max(len(timed), 1), "compute_share": 1 - wait / step,
+    return {"peak_gb": peak.peak / 2**30, "peak_pss_gb": peak.peak_pss / 2**30, "seconds_per_step": step / max(len(timed), 1), "compute_share": 1 - wait / step,
             "window": plan["grid"] or plan["patch_size"], "batch": plan["batch_size"], "wall_s": seconds}  # fmt: skip
 
 
@@ -144,8 +147,11 @@ def main() -> None:
     print("| setting | value | why |\n|---|---|---|")
     for row in plan.table():
         print("| " + " | ".join(row) + " |")
-    print("\n| model | cases | window | batch | s/step | compute share | peak RSS GiB (process + workers) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | cases | window | batch | s/step | compute share | peak RSS GiB (process + workers) "
+        "| peak PSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     peaks: dict[str, list[float]] = {}
     patch = ",".join(map(str, plan.patch_size))
     for model, (config, sets) in MODELS.items():
@@ -154,12 +160,13 @@ def main() -> None:
         for name, path in (("10", subset), (str(args.cases), full)):
             run = args.work / "runs" / f"{Path(config).stem}_{name}"
             r = _train(config, sets, path, run, args.steps, env)
-            peaks.setdefault(model, []).append(r["peak_gb"])
+            peaks.setdefault(model, []).append(r["peak_pss_gb"])
             print(f"| {model} | {name} | {'x'.join(map(str, r['window']))} | {r['batch']} | "
-                  f"{r['seconds_per_step']:.2f} | {r['compute_share']:.1%} | {r['peak_gb']:.2f} |", flush=True)  # fmt: skip
+                  f"{r['seconds_per_step']:.2f} | {r['compute_share']:.1%} | {r['peak_gb']:.2f} | "
+                  f"{r['peak_pss_gb']:.2f} |", flush=True)  # fmt: skip
     print()
     for model, (ten, many) in peaks.items():
-        print(f"{model}: peak RSS with {args.cases} cases / with 10 cases = {many / ten:.3f}")
+        print(f"{model}: peak PSS with {args.cases} cases / with 10 cases = {many / ten:.3f}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ class DataConfig:
         absent_share: share of patches centred where an absent structure would be (when one is absent).
         augment: random flips (where anatomy allows), rotations and scalings, gamma, brightness and
             contrast, noise and blur, low-resolution simulation.
+        augmentation: the strength of segmentation augmentation: "nnunet" (the full set) or "light"
+            (rotations, scalings, small intensity shifts: for budgets of minutes).
         organ_removal_prob: probability that a training case loses one of `organ_removal`, erased
             from image and labels as if removed by surgery (`RandOrganRemovald`; 0 disables it).
         organ_removal: structure names that may be erased.
@@ -126,6 +128,7 @@ class DataConfig:
     foreground_share: float = 0.33
     absent_share: float = 0.3
     augment: bool = True
+    augmentation: str = "nnunet"
     organ_removal_prob: float = 0.0
     organ_removal: tuple[str, ...] = ("left_kidney", "right_kidney", "spleen", "gallbladder")
     num_workers: int | None = None
@@ -230,6 +233,7 @@ _CHOICES = {
     ("train", "best_mode"): ("max", "min"),
     ("inference", "precision"): ("fp32", "bf16"),
     ("inference", "accumulate_dtype"): ("float32", "bfloat16"),
+    ("data", "augmentation"): ("nnunet", "light"),
 }
 
 

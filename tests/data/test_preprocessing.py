@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mednets.data.cropping import body_box
+from mednets.data.cropping import body_box, centre_pad_crop, centre_start, window
 from mednets.data.dataset import load_dataset
 from mednets.data.fingerprint import dataset_signature, extract_fingerprint, load_or_extract_fingerprint
 from mednets.data.intensity import ChannelNormalisation, normalise, padding_value, scheme_for_channel
@@ -18,7 +18,7 @@ from mednets.data.io import read_volume, write_volume
 from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
 from mednets.data.preprocessing import PreprocessedCache, PreprocessingPlan, preprocess_dataset
 from mednets.data.samples import label_atlas, segmentation_datasets
-from mednets.data.streaming import CachedCaseDataset, centre_pad_crop
+from mednets.data.streaming import CachedCaseDataset
 from mednets.data.volume import Volume
 from mednets.errors import ConfigError, DatasetError
 
@@ -84,6 +84,19 @@ def test_body_box_holds_the_body_and_every_label_and_leaves_air_out() -> None:
 
 
 # ---------------------------------------------------------------- fingerprint
+def test_a_centred_window_pads_or_crops_per_axis_and_its_inverse_gives_the_array_back() -> None:
+    array = np.arange(2 * 5 * 8 * 3, dtype=np.float32).reshape(2, 5, 8, 3)  # [C, *S]
+    size = (7, 4, 3)  # padded, cropped, kept
+    start = centre_start(array.shape[1:], size)
+    assert start == [-1, 2, 0]
+    out = centre_pad_crop(array, size, [-1.0, -2.0])
+    assert out.shape == (2, 7, 4, 3) and (out[0, 0] == -1).all() and (out[1, -1] == -2).all()
+    np.testing.assert_array_equal(out[:, 1:6], array[:, :, 2:6])
+    back = window(out, [-v for v in start], array.shape[1:], 9.0)
+    np.testing.assert_array_equal(back[:, :, 2:6], array[:, :, 2:6])
+    assert (back[:, :, :2] == 9).all() and (back[:, :, 6:] == 9).all()  # cropped away: the fill
+
+
 def test_fingerprint_reads_every_case_once_and_equals_numpy(phantoms: Path, tmp_path: Path) -> None:
     dataset = load_dataset(phantoms)
     fingerprint = extract_fingerprint(dataset, workers=1, progress=False)
@@ -189,6 +202,22 @@ def test_patches_are_seeded_by_epoch_and_index_and_oversample_foreground(phantom
     assert all(bool((samples[i]["label"] > 0).any()) for i in range(len(samples)))  # centred on foreground
     samples.set_epoch(1)
     assert not torch.equal(samples[1]["image"], first["image"])
+
+
+def test_patches_stay_inside_the_case_and_the_case_inside_a_larger_patch(phantoms: Path, tmp_path: Path) -> None:
+    _, _, cache, _ = _cached(phantoms, tmp_path / "c")
+    case = "phantom_000"
+    shape = np.array(cache.open_case(case).labels.shape)
+    for patch, expect_inside in (((8, 8, 8), True), (tuple(int(n) + 4 for n in shape), False)):
+        for share in (0.0, 1.0):  # anywhere, and centred on foreground voxels (many near the border)
+            samples = CachedCaseDataset(str(cache.root), [case], pad_values=[0.0], patch_size=patch,
+                                        foreground_share=share, absent_share=0.0, repeat=32)  # fmt: skip
+            for index in range(32):
+                start = np.array(samples._patch_start(samples._opened(case), np.random.default_rng([0, 0, index])))
+                if expect_inside:  # no padding: the window lies in the case
+                    assert (start >= 0).all() and (start + np.array(patch) <= shape).all()
+                else:  # the whole case is in the window
+                    assert (start <= 0).all() and (start + np.array(patch) >= shape).all()
 
 
 def test_absent_organ_patches_are_centred_on_the_organ_bed(phantoms: Path, tmp_path: Path) -> None:

@@ -70,17 +70,26 @@ def test_no_left_right_flip_when_left_and_right_are_separate_classes() -> None:
     assert allowed_flip_axes(["nucleus"], spatial_dims=2) == [1]
 
 
-def test_augmentation_keeps_labels_integral_and_shapes() -> None:
+@pytest.mark.parametrize("strength", ["nnunet", "light"])
+def test_augmentation_keeps_labels_integral_and_shapes(strength: str) -> None:
     torch.manual_seed(0)
     image = torch.rand(1, 16, 16, 16)
     label = torch.zeros(1, 16, 16, 16)
     label[:, 4:12, 4:12, 4:8] = 3
-    augment = augmentation(flip_axes=[])
+    augment = augmentation(flip_axes=[], strength=strength)
     augment.set_random_state(1)
     out = augment({"image": image, "label": label})
     assert out["image"].shape == image.shape
     assert set(np.unique(np.asarray(out["label"]))) <= {0.0, 3.0}
     assert not torch.equal(torch.as_tensor(out["image"]), image)
+
+
+def test_light_augmentation_leaves_out_noise_blur_low_resolution_and_gamma() -> None:
+    names = {type(t).__name__ for t in augmentation(strength="light").transforms}
+    assert names == {"RandAffined", "RandShiftIntensityd", "RandScaleIntensityd"}
+    assert {"RandGaussianNoised", "RandSimulateLowResolutiond"} <= {type(t).__name__ for t in augmentation().transforms}
+    with pytest.raises(ConfigError, match="augmentation strength"):
+        augmentation(strength="strong")
 
 
 def _two_organ_record() -> dict:

@@ -71,6 +71,20 @@ def test_constant_model_output_stays_constant_across_window_borders() -> None:
     torch.testing.assert_close(out, torch.full_like(out, 3.0))
 
 
+def test_axes_shorter_than_the_window_are_padded_with_each_channels_fill() -> None:
+    seen = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:  # the identity, remembering its windows
+        seen.append(x.clone())
+        return x
+
+    image = torch.rand(2, 16, 10, 16)  # H shorter than the window: 3 rows before, 3 after
+    out = sliding_window(record, image, (16, 16, 16), precision="fp32", pad_value=[-5.0, 7.0])
+    (window,) = seen
+    assert (window[0, 0, :, :3] == -5.0).all() and (window[0, 1, :, -3:] == 7.0).all()
+    torch.testing.assert_close(out, image)  # cropped back to the image
+
+
 def test_window_starts_and_importance_map() -> None:
     assert window_starts(40, 16, 0.5) == [0, 8, 16, 24]
     assert window_starts(37, 16, 0.5) == [0, 8, 16, 21]  # the last window ends at the edge

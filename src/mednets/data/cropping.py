@@ -1,4 +1,4 @@
-"""The region of a scan worth computing on: the body (CT) or the non-zero region, and the labels.
+"""The region of a scan worth computing on (the body, or the non-zero region, and the labels), and windows of arrays.
 
 nnU-Net crops every case to its non-zero region; CT air is -1000 HU, not 0, so for CT channels the
 body is what is denser than -500 HU. The box is found on every second voxel (a scan is large) and
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BODY_HU", "Box", "body_box"]
+__all__ = ["BODY_HU", "Box", "body_box", "centre_pad_crop", "centre_start", "window"]
 
 BODY_HU = -500.0
 _STRIDE = 2
@@ -57,3 +57,35 @@ def body_box(channels: Sequence[np.ndarray], schemes: Sequence[str], labels: np.
     if not found:
         return tuple((0, n) for n in shape)
     return tuple((min(b[a][0] for b in found), max(b[a][1] for b in found)) for a in range(len(shape)))
+
+
+def window(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float | Sequence[float]) -> np.ndarray:
+    """The `size` window of `array` at `start`; where it lies outside the array it holds `fill`.
+
+    `array` is `[C, *S]` or `[*S]` (the spatial axes are the last `len(size)`); `fill` is one value, or
+    one per channel. A negative start pads before the array.
+    """
+    lead = array.shape[: array.ndim - len(size)]
+    out = np.empty((*lead, *size), dtype=array.dtype)
+    out[...] = np.broadcast_to(np.asarray(fill, dtype=array.dtype), lead or (1,)).reshape(*lead, *([1] * len(size)))
+    source, target = [], []
+    for begin, n, total in zip(start, size, array.shape[len(lead) :], strict=True):
+        low, high = max(begin, 0), min(begin + n, total)
+        source.append(slice(low, max(low, high)))
+        target.append(slice(low - begin, low - begin + max(0, high - low)))
+    out[(..., *target)] = array[(..., *source)]
+    return out
+
+
+def centre_start(shape: Sequence[int], size: Sequence[int]) -> list[int]:
+    """Start of the `size` window centred on an array of `shape` (negative on axes where the window is larger).
+
+    `window(window(a, start, size, f), [-s for s in start], shape, g)` gives `a` back where the
+    window held it (and `g` where it was cropped away).
+    """
+    return [(n - g) // 2 if n > g else -((g - n) // 2) for n, g in zip(shape, size, strict=True)]
+
+
+def centre_pad_crop(array: np.ndarray, size: Sequence[int], fill: float | Sequence[float]) -> np.ndarray:
+    """Centre-pad (with `fill`) or centre-crop `[C, *S]` or `[*S]` to `size` (the spatial axes are the last)."""
+    return window(array, centre_start(array.shape[array.ndim - len(size) :], size), size, fill)

@@ -58,6 +58,7 @@ def segmentation_datasets(
     split_seed: int,
     augment: bool,
     seed: int,
+    augmentation_strength: str = "nnunet",
     foreground_share: float = 0.33,
     absent_share: float = 0.3,
     organ_removal: Sequence[str] = (),
@@ -75,6 +76,7 @@ def segmentation_datasets(
         val_fraction: share of cases (or rows of a single image) for validation.
         split_seed: seed of the split.
         augment: random augmentation for training.
+        augmentation_strength: "nnunet" or "light" (`mednets.data.transforms.augmentation`).
         seed: base seed of the random choices.
         foreground_share, absent_share: where training patches are centred (`mednets.data.streaming`).
         organ_removal: structure names a training case may lose (`RandOrganRemovald`).
@@ -96,7 +98,8 @@ def segmentation_datasets(
     transform = None
     if augment:
         flips, quarter_turns = augmentation_axes(dataset.structures, dataset.spatial_dims)
-        transform = augmentation(flip_axes=flips, quarter_turns=quarter_turns, spatial_dims=dataset.spatial_dims)
+        transform = augmentation(flip_axes=flips, quarter_turns=quarter_turns, spatial_dims=dataset.spatial_dims,
+                                 strength=augmentation_strength)  # fmt: skip
     train_set = CachedCaseDataset(
         str(cache.root), train, pad_values=pads, patch_size=patch_size, grid=grid, seed=seed,
         repeat=math.ceil(MIN_EPOCH_SAMPLES / len(train)), foreground_share=foreground_share,

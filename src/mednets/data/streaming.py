@@ -12,7 +12,9 @@ samples the uninterrupted run would have seen, in any worker):
   empty organ bed;
 - else with probability `foreground_share` on a voxel of a random present structure (nnU-Net's
   foreground oversampling, from the voxel samples preprocessing stored);
-- else anywhere in the case.
+- else anywhere in the case;
+then moved, where it would reach past the case, back inside it (the case inside the patch where the
+case is the smaller), as nnU-Net does: a patch centred on a border voxel is not half padding.
 Whole-image models (SADAAn) get the whole case centre-padded (or cropped) to their grid, as prediction
 gives it to them.
 """
@@ -25,50 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mednets.data.cropping import centre_pad_crop, window
 from mednets.data.preprocessing import CachedCase, PreprocessedCache
 from mednets.data.transforms import RandOrganRemovald
 
-__all__ = ["CachedCaseDataset", "centre_pad_crop", "mean_centroids"]
+__all__ = ["CachedCaseDataset", "mean_centroids"]
 
 _JITTER = 0.15  # standard deviation of an absent-organ patch's centre, as a share of the patch
-
-
-def centre_pad_crop(array: np.ndarray, size: Sequence[int], fill: float | Sequence[float]) -> np.ndarray:
-    """Centre-pad (with `fill`, one value per channel of a `[C, *S]` array or one for all) or centre-crop to `size`.
-
-    `array` is `[C, *S]` or `[*S]`; the spatial axes are the last `len(size)`.
-    """
-    lead = array.shape[: array.ndim - len(size)]
-    out = np.empty((*lead, *size), dtype=array.dtype)
-    fills = np.broadcast_to(np.asarray(fill, dtype=array.dtype), lead or (1,))
-    if lead:
-        out[...] = fills.reshape(*lead, *([1] * len(size)))
-    else:
-        out[...] = fills[0]
-    source, target = [], []
-    for n, g in zip(array.shape[len(lead) :], size, strict=True):
-        start = abs(g - n) // 2
-        source.append(slice(0, n) if n <= g else slice(start, start + g))
-        target.append(slice(start, start + n) if n <= g else slice(0, g))
-    out[(..., *target)] = array[(..., *source)]
-    return out
-
-
-def _window(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: Any) -> np.ndarray:
-    """The `size` window of `array` (`[C, *S]` or `[*S]`) at `start` (may lie partly outside: filled)."""
-    lead = array.shape[: array.ndim - len(size)]
-    out = np.empty((*lead, *size), dtype=array.dtype)
-    if lead:
-        out[...] = np.asarray(fill, dtype=array.dtype).reshape(*lead, *([1] * len(size)))
-    else:
-        out[...] = fill
-    source, target = [], []
-    for begin, n, total in zip(start, size, array.shape[len(lead) :], strict=True):
-        low, high = max(begin, 0), min(begin + n, total)
-        source.append(slice(low, max(low, high)))
-        target.append(slice(low - begin, low - begin + max(0, high - low)))
-    out[(..., *target)] = array[(..., *source)]
-    return out
 
 
 def mean_centroids(cache: PreprocessedCache, cases: Sequence[str]) -> dict[int, tuple[float, ...]]:
@@ -159,10 +124,12 @@ class CachedCaseDataset(torch.utils.data.Dataset):
             label_id = classes[int(rng.integers(len(classes)))]
             rows = np.flatnonzero(np.asarray(cached.locations[:, 0]) == label_id)
             centre = np.asarray(cached.locations[rows[int(rng.integers(len(rows)))], 1:], dtype=float)
-        else:  # anywhere, the patch inside the case where it fits
-            centre = np.array([rng.uniform(min(s, n) / 2, max(s, n) - min(s, n) / 2) for s, n in zip(size, shape,
-                                                                                                 strict=True)])  # fmt: skip
-        return [int(v) for v in np.round(centre - size / 2)]
+        else:  # anywhere
+            centre = rng.uniform(0, shape)
+        # As nnU-Net: the window stays inside the case (or the case inside the window where it is the
+        # smaller), so a patch centred near the border is shifted, not half padding.
+        lowest, highest = np.minimum(0, shape - size), np.maximum(0, shape - size)
+        return [int(v) for v in np.clip(np.round(centre - size / 2), lowest, highest)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
@@ -175,8 +142,8 @@ class CachedCaseDataset(torch.utils.data.Dataset):
             labels = centre_pad_crop(np.asarray(cached.labels), self.grid, 0)
         elif self.patch_size is not None:
             start = self._patch_start(cached, rng)
-            image = _window(cached.image, start, self.patch_size, self.pad_values)
-            labels = _window(cached.labels, start, self.patch_size, 0)
+            image = window(cached.image, start, self.patch_size, self.pad_values)
+            labels = window(cached.labels, start, self.patch_size, 0)
         else:
             image, labels = np.array(cached.image), np.array(cached.labels)
         presence = np.asarray(cached.presence, dtype=np.float32)

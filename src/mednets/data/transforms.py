@@ -24,13 +24,14 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
     RandSimulateLowResolutiond,
 )
 
 from mednets import anatomy
 from mednets.errors import ConfigError
 
-__all__ = ["RandOrganRemovald", "allowed_flip_axes", "augmentation", "augmentation_axes"]
+__all__ = ["AUGMENTATIONS", "RandOrganRemovald", "allowed_flip_axes", "augmentation", "augmentation_axes"]
 
 
 class RandOrganRemovald(Randomizable, MapTransform):
@@ -117,6 +118,9 @@ def allowed_flip_axes(label_names: Sequence[str] | None = None, spatial_dims: in
     return [spatial_dims - 1]
 
 
+AUGMENTATIONS = ("nnunet", "light")
+
+
 def augmentation(
     image_keys: Sequence[str] = ("image",),
     label_keys: Sequence[str] = ("label",),
@@ -124,34 +128,46 @@ def augmentation(
     flip_axes: Sequence[int] = (),
     spatial_dims: int = 3,
     quarter_turns: bool = False,
-    rotate_degrees: float = 15.0,
-    scale: float = 0.15,
+    strength: str = "nnunet",
 ) -> Compose:
-    """nnU-Net's augmentations, in MONAI's transforms, at its probabilities (moderated for small CPU budgets).
+    """Random spatial and intensity transforms of training samples, in MONAI's transforms.
 
-    Spatial: flips on `flip_axes` only (`augmentation_axes`), quarter turns of images without an
-    orientation, rotations up to `rotate_degrees` and scalings by up to `scale`, labels by nearest
-    neighbour. Intensity, on the images: gaussian noise and blur, brightness, contrast around the mean,
-    a low-resolution simulation (down- and up-sampling) and gamma.
+    Both strengths: flips on `flip_axes` only (`augmentation_axes`), quarter turns of images without an
+    orientation, labels by nearest neighbour.
+    - "nnunet": nnU-Net's set at its probabilities (moderated for small CPU budgets): rotations up to
+      15 degrees and scalings by up to 15%, gaussian noise and blur, brightness, contrast around the
+      mean, a low-resolution simulation (down- and up-sampling) and gamma.
+    - "light": rotations up to 10 degrees, scalings by up to 10%, small shifts and scalings of
+      intensity: for short training budgets, where the full set slows learning more than it regularises
+      (benchmarks/RESULTS.md, issue 21).
     """
+    if strength not in AUGMENTATIONS:
+        raise ConfigError("unknown augmentation strength", source="data.augmentation", got=strength,
+                          expected=f"one of {list(AUGMENTATIONS)}")  # fmt: skip
     keys = list(image_keys) + list(label_keys)
     images = list(image_keys)
     modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
-    radians = float(np.deg2rad(rotate_degrees))
+    light = strength == "light"
+    radians = float(np.deg2rad(10.0 if light else 15.0))
     transforms: list[Any] = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
     if quarter_turns:
         transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3))
-    transforms += [
-        RandAffined(keys=keys, prob=0.3, rotate_range=[radians] * (3 if spatial_dims == 3 else 1),
-                    scale_range=[scale] * spatial_dims, mode=modes, padding_mode="border"),
-        RandGaussianNoised(keys=images, prob=0.1, std=0.1),
-        RandGaussianSmoothd(keys=images, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-        RandScaleIntensityd(keys=images, factors=0.25, prob=0.15),
-        RandScaleIntensityFixedMeand(keys=images, factors=0.25, prob=0.15),
-        RandSimulateLowResolutiond(keys=images, prob=0.125, zoom_range=(0.5, 1.0),
-                                   upsample_mode="trilinear" if spatial_dims == 3 else "bilinear"),
-        RandAdjustContrastd(keys=images, prob=0.15, gamma=(0.7, 1.5)),
-    ]  # fmt: skip
+    transforms.append(RandAffined(keys=keys, prob=0.3, rotate_range=[radians] * (3 if spatial_dims == 3 else 1),
+                                  scale_range=[0.1 if light else 0.15] * spatial_dims, mode=modes,
+                                  padding_mode="border"))  # fmt: skip
+    if light:
+        transforms += [RandShiftIntensityd(keys=images, offsets=0.05, prob=0.3),
+                       RandScaleIntensityd(keys=images, factors=0.1, prob=0.3)]  # fmt: skip
+    else:
+        transforms += [
+            RandGaussianNoised(keys=images, prob=0.1, std=0.1),
+            RandGaussianSmoothd(keys=images, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+            RandScaleIntensityd(keys=images, factors=0.25, prob=0.15),
+            RandScaleIntensityFixedMeand(keys=images, factors=0.25, prob=0.15),
+            RandSimulateLowResolutiond(keys=images, prob=0.125, zoom_range=(0.5, 1.0),
+                                       upsample_mode="trilinear" if spatial_dims == 3 else "bilinear"),
+            RandAdjustContrastd(keys=images, prob=0.15, gamma=(0.7, 1.5)),
+        ]  # fmt: skip
     return Compose(transforms)
 
 

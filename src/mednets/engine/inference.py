@@ -32,6 +32,7 @@ from torch import nn
 
 from mednets.atomic import check_not_inputs
 from mednets.config import InferenceConfig
+from mednets.data.cropping import centre_start, window
 from mednets.data.intensity import padding_value
 from mednets.data.preprocessing import PreprocessingPlan, preprocess_arrays
 from mednets.data.transforms import augmentation_axes
@@ -123,32 +124,6 @@ class StageClock:
         self._last = now
 
 
-def _centre_pad_crop(image: torch.Tensor, grid: Sequence[int], fill: Sequence[float]) -> tuple[torch.Tensor, list]:
-    """Centre-pad (with `fill`, one value per channel) or centre-crop `[C, *S]` to `[C, *grid]`; returns the
-    offsets to undo it."""
-    out = torch.tensor(fill, dtype=image.dtype).reshape(-1, *([1] * len(grid))).repeat(1, *grid)
-    source, target, offsets = [slice(None)], [slice(None)], []
-    for n, g in zip(image.shape[1:], grid, strict=True):
-        start = abs(g - n) // 2
-        source.append(slice(0, n) if n <= g else slice(start, start + g))
-        target.append(slice(start, start + n) if n <= g else slice(0, g))
-        offsets.append((start, -1) if n <= g else (-1, start))
-    out[tuple(target)] = image[tuple(source)]
-    return out, offsets
-
-
-def _undo_pad_crop(scores: torch.Tensor, shape: Sequence[int], offsets: list) -> torch.Tensor:
-    """Inverse of `_centre_pad_crop` for scores `[K+1, *grid]`: what was cropped away is background."""
-    out = torch.zeros((scores.shape[0], *shape), dtype=scores.dtype)
-    out[0] = 1.0
-    source, target = [slice(None)], [slice(None)]
-    for n, g, (pad_start, crop_start) in zip(shape, scores.shape[1:], offsets, strict=True):
-        source.append(slice(pad_start, pad_start + n) if pad_start >= 0 else slice(0, g))
-        target.append(slice(0, n) if pad_start >= 0 else slice(crop_start, crop_start + g))
-    out[tuple(target)] = scores[tuple(source)]
-    return out
-
-
 def _averaged(
     run_model: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: torch.Tensor, axes: Sequence[int]
 ) -> dict:
@@ -230,9 +205,10 @@ def predict_image(
     else:
         axes = list(settings.tta)
     with torch.no_grad(), autocast, reuse_freed_memory():  # the network's activations, not the scan's buffers
+        fills = [padding_value(rule) for rule in prep.rules()]  # "outside the scan", as training padded
         if prep.grid:
-            fills = [padding_value(rule) for rule in prep.rules()]
-            model_input, offsets = _centre_pad_crop(image, prep.grid, fills)
+            start = centre_start(image.shape[1:], prep.grid)
+            model_input = torch.from_numpy(window(image.numpy(), start, prep.grid, fills))  # [C, *grid]
 
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
                 return run.task.probabilities(run.model(x, **run.task.call_options))
@@ -245,14 +221,15 @@ def predict_image(
                                         batch_size=settings.batch_size, size_multiple=run.spec.size_multiple,
                                         accumulate_device=settings.accumulate_device or "cpu",
                                         accumulate_dtype=getattr(torch, settings.accumulate_dtype),
-                                        precision=settings.precision)  # fmt: skip
+                                        precision=settings.precision, pad_value=fills)  # fmt: skip
                 return run.task.probabilities(logits[None])
 
             probabilities = _averaged(run_model, image[None], axes)
         decoded = run.task.decode(probabilities, model=run.model, gating=settings.gating)
     scores = decoded.scores.cpu()
     if prep.grid:
-        scores = _undo_pad_crop(scores, image.shape[1:], offsets)
+        background = [1.0] + [0.0] * (scores.shape[0] - 1)  # what was cropped away
+        scores = torch.from_numpy(window(scores.float().numpy(), [-v for v in start], image.shape[1:], background))
     clock.lap("inference")
     cropped = tuple(stop - start for start, stop in box)
     indices = labels_from_logits(scores, cropped, priority=decoded.priority).numpy()  # float32 slab by slab

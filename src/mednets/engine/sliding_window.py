@@ -116,13 +116,19 @@ def seamless_grid(
     return patch, overlaps, padded, starts
 
 
-def _pad(image: torch.Tensor, before: Sequence[int], after: Sequence[int], mode: str, value: float) -> torch.Tensor:
-    """Pad the spatial axes of ``[C, *S]`` (F.pad takes the last axis first)."""
+def _pad(
+    image: torch.Tensor, before: Sequence[int], after: Sequence[int], mode: str, value: float | Sequence[float]
+) -> torch.Tensor:
+    """Pad the spatial axes of ``[C, *S]``: "constant" with `value` (one, or one per channel), else reflect."""
     if not any(before) and not any(after):
         return image
-    widths = [w for b, a in zip(reversed(before), reversed(after), strict=True) for w in (b, a)]
     if mode == "constant":
-        return F.pad(image[None], widths, value=value)[0]
+        fill = torch.as_tensor(value, dtype=image.dtype, device=image.device).reshape(-1, *([1] * (image.ndim - 1)))
+        shape = [n + b + a for n, b, a in zip(image.shape[1:], before, after, strict=True)]
+        out = fill.expand(image.shape[0], *shape).clone()
+        out[(slice(None), *(slice(b, b + n) for b, n in zip(before, image.shape[1:], strict=True)))] = image
+        return out
+    widths = [w for b, a in zip(reversed(before), reversed(after), strict=True) for w in (b, a)]  # last axis first
     mode = "reflect" if all(a < n for a, n in zip(after, image.shape[1:], strict=True)) else "replicate"
     return F.pad(image[None].float(), widths, mode=mode)[0].to(image.dtype)
 
@@ -141,7 +147,7 @@ def sliding_window(
     channels_last: bool = True,
     accumulate_device: torch.device | str | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
-    pad_value: float = 0.0,
+    pad_value: float | Sequence[float] = 0.0,
     progress: bool = False,
 ) -> torch.Tensor:
     """Blend the model's outputs over overlapping windows of `image`.
@@ -161,7 +167,8 @@ def sliding_window(
             with a CPU accumulator handles volumes larger than GPU memory.
         accumulate_dtype: dtype of the blended output (float32; bfloat16 or float16 halve its memory,
             ``K`` x the volume, at the cost of rounding in the sums).
-        pad_value: fill for axes shorter than a gaussian window.
+        pad_value: fill for axes shorter than a gaussian window (one, or one per channel: what
+            training padded with, e.g. air).
         progress: show a progress bar over the batches.
 
     Returns:

@@ -57,12 +57,13 @@ def _labelled_dataset(
     return config, load_dataset(config.data.dataset)
 
 
-def _validation_inferer(patch_size: tuple[int, ...], precision: str) -> Any:
-    """Patch models validate on whole images through the prediction blender."""
+def _validation_inferer(patch_size: tuple[int, ...], precision: str, pad_values: Sequence[float]) -> Any:
+    """Patch models validate on whole images through the prediction blender (padded as training pads)."""
 
     def infer(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         blended = [sliding_window(model, item, patch_size, overlap=VALIDATION_OVERLAP, batch_size=2,
-                                  precision="fp32" if precision == "fp32" else "bf16") for item in image]  # fmt: skip
+                                  precision="fp32" if precision == "fp32" else "bf16", pad_value=pad_values)
+                   for item in image]  # fmt: skip
         return torch.stack(blended)
 
     return infer
@@ -149,8 +150,8 @@ def _labelled_setup(
     train_set, val_set = segmentation_datasets(
         dataset, planned.cache, plan.preprocessing, cases=planned.cases, grid=grid, patch_size=patch_size,
         val_fraction=data.val_fraction, split_seed=data.split_seed, augment=data.augment, seed=config.train.seed,
-        foreground_share=data.foreground_share, absent_share=data.absent_share, organ_removal=data.organ_removal,
-        organ_removal_prob=data.organ_removal_prob,
+        augmentation_strength=data.augmentation, foreground_share=data.foreground_share,
+        absent_share=data.absent_share, organ_removal=data.organ_removal, organ_removal_prob=data.organ_removal_prob,
     )  # fmt: skip
     if config.model.init_from_data:
         if not hasattr(model, "init_from_label_frequency") or grid is None:
@@ -171,7 +172,7 @@ def _labelled_setup(
         smallest_training_volume_ml=dataset.smallest_volumes_ml() if context.is_main else {},
         normalisation=[rule.to_dict() for rule in prep.normalisation], crop=bool(grid) and prep.crop,
     )  # fmt: skip
-    infer = None if grid else _validation_inferer(tuple(patch_size), config.train.precision)
+    infer = None if grid else _validation_inferer(tuple(patch_size), config.train.precision, train_set.pad_values)
     return _Setup(config, train_set, val_set, model, task, record, infer, dataset, plan)
 
 
