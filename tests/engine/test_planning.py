@@ -97,6 +97,16 @@ def test_whole_image_models_get_a_grid_over_the_median_extent() -> None:
     assert plan_training(fingerprint, fixed, in_channels=1, num_labels=3).grid == [32, 32, 32]
 
 
+def test_a_grid_larger_than_the_case_is_padded_not_filled_by_upsampling() -> None:
+    # The 64³ phantoms: 5 mm voxels, a body box of 64 x 48 x 60 voxels (320 x 240 x 300 mm).
+    fingerprint = _fingerprint([[5.0, 5.0, 5.0]] * 3, [[64, 48, 60]] * 3)
+    config = load_config(None, ["model.name=sadaan_fast", "model.overrides.grid_size=[64, 64, 64]"])
+    assert plan_training(fingerprint, config, in_channels=1, num_labels=3).preprocessing.spacing == (5.0, 5.0, 5.0)
+    coarse = load_config(None, ["model.name=sadaan_fast", "model.overrides.grid_size=[48, 48, 48]"])
+    spacing = plan_training(fingerprint, coarse, in_channels=1, num_labels=3).preprocessing.spacing
+    assert spacing == pytest.approx((320 / 48, 5.0, 300 / 48))  # coarser where the extent needs it, never finer
+
+
 def test_a_plan_saves_reads_back_and_prints(tmp_path: Path) -> None:
     plan = _plan(_fingerprint([[2.0, 2.0, 2.0]] * 2, [[32, 32, 32]] * 2))
     plan.save(tmp_path / "plans.json")

@@ -14,7 +14,8 @@ nnU-Net's planning ideas, with mednets' models measured instead of modelled:
   (its loss, optimizer, precision and layout) at two input sizes, in a fresh process, and a line
   through them (a count of tensors misses most of it on CPU).
 - **grid** (whole-image models such as SADAAn): the median cropped extent, at the largest size that
-  fits the budget; the voxel size follows from it (extent / grid).
+  fits the budget; the voxel size follows from it (extent / grid, but never finer than the median
+  voxel size: a grid larger than the case is padded, not filled by upsampling).
 - **batch size**: as many as the budget holds, at least 2, at most what covers 5% of the dataset's
   voxels (nnU-Net's cap: more would show the same voxels in every step).
 
@@ -376,8 +377,10 @@ def plan_training(
             grid = _shrink_to_budget(natural, extents / natural, spec.size_multiple, memory, budget)
             reasons["grid"] = "median cropped extent, as large as the memory budget allows"
         if dims == 3 and data.spacing_mm is None:
-            spacing = [float(e / g) for e, g in zip(extents, grid, strict=True)]
-            reasons["spacing"] = "median cropped extent / grid"
+            # Never finer than the data's voxel size: upsampling adds no information, blurs small organs
+            # and costs Dice when the prediction is resampled back (benchmarks/RESULTS.md, issue 21).
+            spacing = [float(max(t, e / g)) for t, e, g in zip(spacing, extents, grid, strict=True)]
+            reasons["spacing"] = "median cropped extent / grid, never finer than the median voxel size"
     working = np.asarray(spacing) if spacing else case_spacing
     median_shape = [max(1, round(float(v))) for v in extents / working]
     if not spec.whole_image:
