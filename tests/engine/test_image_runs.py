@@ -91,6 +91,21 @@ def test_denoise_command_keeps_the_mean_colour_when_asked(denoising_run: Path, t
     np.testing.assert_allclose(out.mean(axis=(0, 1)), pixels.mean(axis=(0, 1)), atol=1.0)  # one grey level
 
 
+def test_denoise_strength_zero_returns_the_input_and_a_bad_strength_is_one_line(
+    denoising_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    common = ["denoise", "--run", str(denoising_run), "--input", str(tmp_path / "in.png"), "--patch-size", "48"]
+    assert main([*common, "--out", str(tmp_path / "zero.png"), "--strength", "0"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "zero.png")), pixels)
+    assert main([*common, "--out", str(tmp_path / "auto.png"), "--strength", "auto"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad.png"), "--strength", "strong"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "--strength" in error and len(error.splitlines()) == 1 and not (tmp_path / "bad.png").exists()
+
+
 def test_denoise_refuses_a_segmentation_run(tmp_path: Path) -> None:
     config = load_config(
         CONFIGS / "unet2d_phantoms.yaml",

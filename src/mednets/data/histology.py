@@ -1,4 +1,4 @@
-"""Histology tiles for the denoising autoencoders: noise models, tissue detection, stain augmentation, datasets.
+"""Histology tiles for the denoising autoencoders: noise models, tissue detection, datasets.
 
 Tiles are float32 ``[3, H, W]`` RGB in [0, 1]; the training target is always the clean tile in that
 range (the autoencoders end in a sigmoid), never an ImageNet-normalised one.
@@ -33,8 +33,10 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from mednets.data.dataset import split_cases
+from mednets.data.histology_samples import builtin_training_images
 from mednets.data.images import holdout_rows, to_unit_range
 from mednets.data.io import list_image_files, read_image_2d
+from mednets.data.stain import stain_augment
 from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "default_training_image",
     "denoising_datasets",
     "read_rgb",
-    "stain_augment",
     "tissue_mask",
     "tissue_tiles",
 ]
@@ -296,25 +297,6 @@ def default_training_image() -> np.ndarray:
     return np.ascontiguousarray(data.immunohistochemistry().transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 
-def stain_augment(tile: np.ndarray, rng: np.random.Generator, scale: float = 0.2) -> np.ndarray:
-    """Stain augmentation in haematoxylin-eosin-DAB space (Tellez et al. 2018), on ``[3, H, W]`` in [0, 1].
-
-    Each stain's optical density is scaled by a factor in ``[1 - scale, 1 + scale]``; with probability
-    1/2 the eosin and DAB stains swap (scaled by U(0.3, 1)), so an IHC image also yields
-    H&E-coloured tiles and the reverse. Then, with probability 1/2, the RGB channels are permuted:
-    a denoiser trained on a few stains otherwise learns their colours as a prior and shifts other
-    stains towards them.
-    """
-    from skimage.color import hed2rgb, rgb2hed
-
-    stains = rgb2hed(tile.transpose(1, 2, 0))
-    stains *= rng.uniform(1.0 - scale, 1.0 + scale, 3)
-    if rng.random() < 0.5:
-        stains = stains[..., [0, 2, 1]] * np.array([1.0, *rng.uniform(0.3, 1.0, 2)])
-    rgb = np.clip(hed2rgb(stains), 0.0, 1.0).transpose(2, 0, 1).astype(np.float32)
-    return rgb[rng.permutation(3)] if rng.random() < 0.5 else rgb
-
-
 # --- datasets -----------------------------------------------------------------------------------
 
 
@@ -461,13 +443,14 @@ def denoising_datasets(
     seed: int,
     max_val_tiles: int = 16,
 ) -> tuple[DenoisingTiles, NoisyTiles]:
-    """Training and validation tiles from an image file or folder (None: the built-in IHC image).
+    """Training and validation tiles from an image file or folder (None: `builtin_training_images`).
 
-    Two or more images are split by file (`split_cases`, seeded); a single image by rows: the bottom
-    `val_fraction` of it (rounded to whole tiles) is the validation part.
+    Two or more of a user's images are split by file (`split_cases`, seeded); a single image, and each
+    built-in image (whose stains all belong in training), by rows: the bottom `val_fraction` of it
+    (rounded to whole tiles) is the validation part.
     """
     if source is None:
-        images, names = [default_training_image()], ["skimage_ihc"]
+        images, names = builtin_training_images()
     else:
         files = list_image_files(source)
         images, names = [read_rgb(path) for path in files], [path.stem for path in files]
@@ -477,13 +460,14 @@ def denoising_datasets(
             "images smaller than a tile", source=str(source), expected=f">= {tile_size} px", got=small
         )
     mixture = NoiseMixture(noise)
-    if len(images) >= 2:
+    if source is not None and len(images) >= 2:
         train_names, val_names = split_cases(names, val_fraction=val_fraction, seed=split_seed)
         train = [images[names.index(n)] for n in train_names]
         val, val_labels = [images[names.index(n)] for n in val_names], val_names
     else:
-        rows = holdout_rows(images[0].shape[1], val_fraction, tile_size)
-        train, val, val_labels = [images[0][:, :-rows]], [images[0][:, -rows:]], names
+        held = [holdout_rows(image.shape[1], val_fraction, tile_size) for image in images]
+        train = [image[:, :-rows] for image, rows in zip(images, held, strict=True)]
+        val, val_labels = [image[:, -rows:] for image, rows in zip(images, held, strict=True)], names
     return (
         DenoisingTiles(train, tile_size, mixture, min_tissue=min_tissue, stain_scale=stain_scale, augment=augment,
                        seed=seed),

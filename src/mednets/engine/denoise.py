@@ -30,6 +30,7 @@ from mednets.atomic import check_not_inputs
 from mednets.data.images import from_unit_range, to_unit_range
 from mednets.data.io import TIFF_SUFFIXES, list_image_files, read_image, write_volume
 from mednets.data.pyramid import write_pyramid
+from mednets.data.stain import StainNormaliser
 from mednets.data.volume import Volume
 from mednets.data.wsi import SLIDE_SUFFIXES, choose_level, is_slide, open_slide
 from mednets.devices import resolve_device
@@ -45,8 +46,10 @@ __all__ = [
     "denoise_image",
     "denoise_paths",
     "denoise_slide",
+    "estimate_noise_sigma",
     "load_denoiser",
     "with_input_mean_colour",
+    "with_strength",
 ]
 
 
@@ -74,6 +77,7 @@ def denoise_array(
     size_multiple: int = 16,
     precision: str = "bf16",
     keep_mean_colour: bool = False,
+    strength: float | str = 1.0,
 ) -> torch.Tensor:
     """Denoise an RGB image ``[3, H, W]`` in [0, 1] of any size; returns ``[3, H, W]`` float32 in [0, 1].
 
@@ -89,8 +93,12 @@ def denoise_array(
             (`with_input_mean_colour`). Gaussian and Poisson noise and blur leave the mean colour
             unchanged, so this removes a colour cast the model learned from its training stains
             (benchmarks/RESULTS.md); noise that moves the mean (dense salt-and-pepper) keeps that shift.
+        strength: how much of what the model removes is removed (`with_strength`): 0 returns the input,
+            1 the model's output; "auto" scales each window's removed part down to the noise level
+            estimated from the window (`estimate_noise_sigma`), so that a clean or lightly noisy image
+            keeps its detail.
     """
-    network = _network(model, keep_mean_colour)
+    network = _network(model, keep_mean_colour, strength)
     rgb = rgb.to(next(model.parameters()).device)
     out = sliding_window(network, rgb, (patch_size, patch_size), overlap=overlap, weights="seamless",
                          size_multiple=size_multiple, batch_size=batch_size, precision=precision,
@@ -98,9 +106,47 @@ def denoise_array(
     return out.clamp(0.0, 1.0)
 
 
-def _network(model: nn.Module, keep_mean_colour: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the windows run: the model, or the model with each tile's input mean colour (`with_input_mean_colour`)."""
-    return (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
+def _network(
+    model: nn.Module, keep_mean_colour: bool, strength: float | str = 1.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the windows run: the model, with each tile's input mean colour (`with_input_mean_colour`) and
+    at a `strength` (`with_strength`) when asked."""
+    network = (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
+    if strength == 1.0:
+        return network
+    if strength != "auto" and not (isinstance(strength, int | float) and 0 <= strength < float("inf")):
+        raise ConfigError("invalid denoising strength", source="strength", expected='a finite number >= 0 or "auto"',
+                          got=strength)  # fmt: skip
+    return lambda tiles: with_strength(network, tiles, strength)
+
+
+def estimate_noise_sigma(tiles: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise sigma of each tile ``[B, C, H, W]`` -> ``[B]``, averaged over channels.
+
+    Donoho's estimate: the median absolute finest diagonal Haar detail / 0.6745 (scikit-image's
+    `estimate_sigma` does the same with a Daubechies-2 wavelet); image structure adds to it a little.
+    """
+    x = tiles.float()[..., : tiles.shape[-2] // 2 * 2, : tiles.shape[-1] // 2 * 2]
+    detail = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+    return (detail.abs().flatten(2).median(dim=2).values / 0.6745).mean(dim=1)
+
+
+def with_strength(
+    network: Callable[[torch.Tensor], torch.Tensor], tiles: torch.Tensor, strength: float | str
+) -> torch.Tensor:
+    """``tiles + s * (network(tiles) - tiles)`` per tile ``[B, C, h, w]``, float32.
+
+    `strength` "auto": ``s = min(1, sigma_noise / sigma_removed)``, the tile's estimated noise sigma
+    (`estimate_noise_sigma`) over the standard deviation of what the network removes; a network that
+    removes more than the noise also removes detail, and is scaled back to the noise.
+    """
+    tiles = tiles.float()
+    removed = network(tiles).float() - tiles
+    if strength == "auto":
+        noise = estimate_noise_sigma(tiles)
+        scale = (noise / removed.flatten(1).std(dim=1).clamp_min(1e-6)).clamp(max=1.0)
+        return tiles + scale[:, None, None, None] * removed
+    return tiles + float(strength) * removed
 
 
 def with_input_mean_colour(model: Callable[[torch.Tensor], torch.Tensor], tiles: torch.Tensor) -> torch.Tensor:
@@ -109,14 +155,23 @@ def with_input_mean_colour(model: Callable[[torch.Tensor], torch.Tensor], tiles:
     return out - out.mean(dim=(2, 3), keepdim=True) + tiles.float().mean(dim=(2, 3), keepdim=True)
 
 
-def denoise_image(model: nn.Module, array: np.ndarray, **options: Any) -> np.ndarray:
+def denoise_image(model: nn.Module, array: np.ndarray, *, stain_normalise: bool = False, **options: Any) -> np.ndarray:
     """Denoise pixels ``[H, W]`` or ``[H, W, C]`` (C = 1 to 4; alpha kept) into the same shape and dtype.
 
-    `options` go to `denoise_array`.
+    With `stain_normalise`, the model sees the image in Macenko's reference stains (fitted to this
+    image, `mednets.data.stain.StainNormaliser`) and its output goes back to the image's own stains.
+    Other `options` go to `denoise_array`.
+
+    Raises:
+        InvalidInputError: `stain_normalise` on an image with too little stained tissue.
     """
     rgb = _model_input(array)
-    denoised = denoise_array(model, rgb, **options)
-    return _model_output(denoised, array)
+    if not stain_normalise:
+        return _model_output(denoise_array(model, rgb, **options), array)
+    normaliser = StainNormaliser(rgb.numpy())
+    reference = torch.from_numpy(normaliser.to_reference(rgb.numpy()))
+    denoised = denoise_array(model, reference, **options)
+    return _model_output(torch.from_numpy(normaliser.from_reference(denoised.cpu().numpy())), array)
 
 
 def _model_input(array: np.ndarray) -> torch.Tensor:
@@ -164,7 +219,8 @@ def denoise_slide(
             source level's (JPEG stays JPEG at `quality`, JPEG 2000 stays JPEG 2000, others deflate).
         quality: JPEG quality.
         progress: show a progress bar over the rows.
-        options: `denoise_array`'s (patch_size, overlap, batch_size, size_multiple, precision, keep_mean_colour).
+        options: `denoise_array`'s (patch_size, overlap, batch_size, size_multiple, precision, keep_mean_colour,
+            strength).
 
     Returns:
         The path written.
@@ -174,6 +230,9 @@ def denoise_slide(
     """
     from tqdm.auto import tqdm
 
+    if options.pop("stain_normalise", False):
+        raise ConfigError("stain normalisation is for images, not whole slides", source=str(source),
+                          expected="no --stain-normalise, or a PNG/JPEG/TIFF image")  # fmt: skip
     check_not_inputs([target], [source], "target")
     with open_slide(source) as slide, reuse_freed_memory():
         chosen = choose_level(slide, level=level, magnification=magnification, mpp=mpp)
@@ -219,9 +278,10 @@ def _blend_blocks(
     size_multiple: int = 16,
     precision: str = "bf16",
     keep_mean_colour: bool = False,
+    strength: float | str = 1.0,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """`denoise_array` over an image read region by region: its output in blocks ``(top, left, [3, h, w])``."""
-    network = _network(model, keep_mean_colour)
+    network = _network(model, keep_mean_colour, strength)
     for top, left, block in sliding_window_blocks(network, read_region, shape, (patch_size, patch_size),
                                                   overlap=overlap, batch_size=batch_size,
                                                   size_multiple=size_multiple, precision=precision):  # fmt: skip
@@ -260,7 +320,7 @@ def denoise_paths(
         level, magnification, mpp: the slide level to denoise (`mednets.data.wsi.choose_level`); a
             PNG/JPEG has level 0 only.
         tile_size, compression: the pyramidal TIFF's (`denoise_slide`).
-        options: `denoise_array`'s.
+        options: `denoise_image`'s (`stain_normalise`, images only) and `denoise_array`'s.
 
     Returns:
         `{"written": [paths], "failed": [(input, message)]}`.
