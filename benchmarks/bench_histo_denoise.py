@@ -45,9 +45,9 @@ import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means, estimate_sigma
 
-from mednets.data.histology import NoiseMixture, NoisyTiles, read_rgb
+from mednets.data.histology import NoiseMixture, NoisyTiles
 from mednets.data.histology_samples import builtin_training_images, held_out_images
-from mednets.data.io import list_image_files
+from mednets.data.io import list_image_files, read_rgb
 from mednets.engine.denoise import denoise_image, load_denoiser
 from mednets.metrics import psnr, ssim
 from mednets.reports.sample_figures import denoising_triplets

