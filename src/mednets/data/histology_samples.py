@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mednets.data.io import read_rgb
+from mednets.data.wsi import open_slide
 from mednets.errors import InvalidInputError
 
 __all__ = [
@@ -106,13 +107,22 @@ def default_training_image() -> np.ndarray:
     return np.ascontiguousarray(data.immunohistochemistry().transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 
+def _read_slide(path: Path) -> np.ndarray:
+    """Level 0 of a whole-slide image through the slide reader, RGB float32 ``[3, H, W]`` in [0, 1]."""
+    with open_slide(path) as slide:
+        height, width = slide.levels[0].shape
+        pixels = slide.read_region(0, 0, 0, height, width)[..., :3]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
 def _read(sample: HistologySample, wheel: Path) -> np.ndarray:
     """The image as RGB float32 ``[3, H, W]`` in [0, 1]; decoded once into an 8-bit ``.npy`` beside the wheel
     (the SVS takes seconds to decode; its pixels are 8-bit, so the copy is exact)."""
     decoded = wheel.parent / f"{sample.name}.npy"
     if decoded.is_file():
         return np.load(decoded).astype(np.float32) / np.float32(255.0)
-    rgb = read_rgb(_unpacked(sample, wheel))
+    path = _unpacked(sample, wheel)
+    rgb = _read_slide(path) if path.suffix == ".svs" else read_rgb(path)
     partial = decoded.with_name(f".{decoded.name}.{os.getpid()}.partial.npy")
     try:
         np.save(partial, np.round(rgb * 255.0).astype(np.uint8))
