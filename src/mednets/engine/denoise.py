@@ -115,17 +115,18 @@ def _network(
     """What the windows run: the model, with each tile's input mean colour (`with_input_mean_colour`) and
     at a `strength` (`with_strength`) when asked."""
     network = (lambda tiles: with_input_mean_colour(model, tiles)) if keep_mean_colour else model
-    if noise_sigma is not None and strength != "auto":
-        raise ConfigError("a noise sigma is used by the automatic strength only", source="noise_sigma",
-                          expected='strength "auto" (--strength auto)', got=strength)  # fmt: skip
+    if noise_sigma is not None:
+        if strength != "auto":
+            raise ConfigError("a noise sigma is used by the automatic strength only", source="noise_sigma",
+                              expected='strength "auto" (--strength auto)', got=strength)  # fmt: skip
+        if not 0 <= noise_sigma < float("inf"):
+            raise ConfigError("invalid noise sigma", source="noise_sigma", expected="a finite number >= 0",
+                              got=noise_sigma)  # fmt: skip
     if strength == 1.0:
         return network
     if strength != "auto" and not (isinstance(strength, int | float) and 0 <= strength < float("inf")):
         raise ConfigError("invalid denoising strength", source="strength", expected='a finite number >= 0 or "auto"',
                           got=strength)  # fmt: skip
-    if noise_sigma is not None and not 0 <= noise_sigma < float("inf"):
-        raise ConfigError("invalid noise sigma", source="noise_sigma", expected="a finite number >= 0",
-                          got=noise_sigma)  # fmt: skip
     return lambda tiles: with_strength(network, tiles, strength, noise_sigma)
 
 
@@ -155,7 +156,11 @@ def with_strength(
     tiles = tiles.float()
     removed = network(tiles).float() - tiles
     if strength == "auto":
-        noise = estimate_noise_sigma(tiles) if noise_sigma is None else torch.full(tiles.shape[:1], noise_sigma)
+        noise = (
+            estimate_noise_sigma(tiles)
+            if noise_sigma is None
+            else torch.full(tiles.shape[:1], noise_sigma, device=tiles.device)
+        )
         scale = (noise / removed.flatten(1).std(dim=1).clamp_min(1e-6)).clamp(max=1.0)
         return tiles + scale[:, None, None, None] * removed
     return tiles + float(strength) * removed
