@@ -104,7 +104,7 @@ class DataConfig:
             (rotations, scalings, small intensity shifts: for budgets of minutes).
         organ_removal_prob: probability that a training case loses one of `organ_removal`, erased
             from image and labels as if removed by surgery (`RandOrganRemovald`; 0 disables it).
-        organ_removal: structure names that may be erased.
+        organ_removal: structure names that may be erased; `["*"]`: any structure of the dataset.
         num_workers: data-loader worker processes; None: one on CPU (patches are read while the step
             computes), two on GPU.
         noise: noise of denoising tasks: "seed" (the seed's mixture) or a list of stages, e.g.
@@ -144,6 +144,9 @@ class TrainConfig:
     Attributes:
         max_steps: optimizer steps at most.
         max_minutes: wall-clock budget; training stops (and validates, checkpoints) when it is spent.
+            The cosine schedule ends where the budget does: from the measured time per step
+            (validation included) the trainer shortens its horizon to the steps the budget reaches on
+            this machine, re-estimated at every validation, never beyond `max_steps`.
         batch_size: samples per step per process (before accumulation); None: planned (segmentation)
             or 2.
         accumulation_steps: micro-batches per optimizer step.
@@ -152,7 +155,7 @@ class TrainConfig:
             `{position_prior: 50}`: a per-voxel map moves by about one learning rate per step, so
             an absolute prior needs a larger rate to form within a training budget.
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps, then cosine decay to 0 at `max_steps`.
+        warmup_steps: linear warm-up steps, then cosine decay to 0 at `max_steps` (or where the budget ends).
         grad_clip: max global gradient norm (None: no clipping).
         precision: "fp32", "bf16" (autocast, CPU and CUDA) or "fp16" (autocast + GradScaler, CUDA only).
         channels_last: channels-last memory format for model and inputs.

@@ -130,3 +130,15 @@ def test_organ_removal_leaves_cases_alone_when_not_drawn_or_nothing_to_remove() 
         assert torch.equal(out["image"], record["image"]) and torch.equal(out["label"], record["label"])
     with pytest.raises(ConfigError):
         RandOrganRemovald("image", "label", organ_ids=[1], prob=1.5)
+
+
+def test_left_and_right_twins_outside_the_registry_are_never_flipped() -> None:
+    from mednets.data.transforms import augmentation_axes
+
+    thorax = ["left_lung", "right_lung", "heart", "vertebrae_L1"]
+    assert allowed_flip_axes(thorax, 3) == []
+    assert augmentation_axes(thorax, 3) == ([], False)
+    assert augmentation_axes(["heart", "left_lung"], 3) == (
+        [2],
+        False,
+    )  # no twin to swap; a scan is never turned upside down

@@ -240,3 +240,16 @@ def test_keep_freed_memory_switches_the_allocator_setting_for_the_fit_only(
     assert calls == (
         [("mallopt", -4), ("mallopt", -1), ("mallopt", -4), ("mallopt", -1), ("malloc_trim", 0)] if keep else []
     )
+
+
+def test_a_time_budget_shortens_the_cosine_to_the_steps_it_reaches(tmp_path: Path, monkeypatch) -> None:
+    # A fake clock of one second per step: a one-minute budget reaches 60 of the 1000 configured steps.
+    monkeypatch.setattr(Trainer, "_elapsed_everywhere", lambda self: float(self.state.step))
+    config = make_config(tmp_path, max_steps=1000, max_minutes=1.0, val_every=25)
+    result = make_trainer(tmp_path, config).fit()
+    assert result["state"]["schedule_steps"] == 60
+    assert result["state"]["step"] == 60
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    learning_rates = [float(r["lr"]) for r in rows if r.get("lr")]
+    assert learning_rates[-1] < 0.01 * 0.01  # the schedule has ended, not 6% of the way through
+    assert max(learning_rates) > 0.9 * 0.01

@@ -8,6 +8,7 @@ coronal and sagittal with the head at the top.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -25,13 +26,20 @@ __all__ = ["DEFAULT_WINDOW", "label_colours", "render_orthogonal", "show"]
 DEFAULT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (level 40, width 400 HU)
 
 
-def label_colours(label_ids: list[int]) -> dict[int, tuple[str, tuple[float, float, float]]]:
-    """{id: (name, RGB)}: registry organs get their registry name and colour, other ids a tab20 colour."""
+def label_colours(
+    label_ids: list[int], structures: dict[str, int] | None = None
+) -> dict[int, tuple[str, tuple[float, float, float]]]:
+    """{id: (name, RGB)}: by the dataset's `structures` ({name: id}) when given (`anatomy.describe_structures`),
+    else registry organs by id; other ids a tab20 colour."""
     import matplotlib
 
     palette = matplotlib.colormaps["tab20"]
+    named = {s.label: (s.display, s.color) for s in anatomy.describe_structures(structures)} if structures else {}
     out = {}
     for label_id in label_ids:
+        if label_id in named:
+            out[label_id] = named[label_id]
+            continue
         try:
             o = anatomy.organ_by_id(label_id)
             out[label_id] = (o.display, o.color)
@@ -139,5 +147,10 @@ def show(
         legend = {int(s["label"]): (str(s["name"]), tuple(s["color"])) for s in segments}
     elif labels is not None:
         label_volume = read_volume(labels)
+        dataset_json = Path(labels).resolve().parent.parent / "dataset.json"  # a dataset folder's labelsTr/
+        if dataset_json.is_file():
+            names = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
+            structures = {str(k): int(v) for k, v in names.items() if int(v) != 0}
+            legend = label_colours(sorted(structures.values()), structures)
     data = render_orthogonal(volume, label_volume, window=window, title=Path(path).name, legend=legend)
     return atomic_write_bytes(out, data)

@@ -79,13 +79,15 @@ def segmentation_datasets(
         augmentation_strength: "nnunet" or "light" (`mednets.data.transforms.augmentation`).
         seed: base seed of the random choices.
         foreground_share, absent_share: where training patches are centred (`mednets.data.streaming`).
-        organ_removal: structure names a training case may lose (`RandOrganRemovald`).
+        organ_removal: structure names a training case may lose (`RandOrganRemovald`); `["*"]`: any.
         organ_removal_prob: probability that a training case loses one of them.
 
     Raises:
         ConfigError: a name in `organ_removal` is not one of the dataset's structures.
         DatasetError: no training case.
     """
+    if tuple(organ_removal) == ("*",):  # every structure: a config that knows no dataset's names
+        organ_removal = dataset.structures
     unknown = sorted(set(organ_removal) - set(dataset.structures)) if organ_removal_prob > 0 else []
     if unknown:
         raise ConfigError("unknown structure to remove", source="data.organ_removal", got=unknown,

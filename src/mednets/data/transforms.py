@@ -112,10 +112,17 @@ def allowed_flip_axes(label_names: Sequence[str] | None = None, spatial_dims: in
     classes (a flip would turn the left kidney into a right kidney with the wrong label).
     """
     names = set(label_names if label_names is not None else anatomy.organ_names())
+    if _has_sides(names):
+        return []
+    return [spatial_dims - 1]
+
+
+def _has_sides(names: set[str]) -> bool:
+    """Whether left and right twins are separate classes: a registry pair, or any `left_X` with `right_X`."""
     for right, left in anatomy.left_right_pairs():
         if anatomy.organ_by_id(right).name in names or anatomy.organ_by_id(left).name in names:
-            return []
-    return [spatial_dims - 1]
+            return True
+    return any(name.startswith("left_") and f"right_{name[5:]}" in names for name in names)
 
 
 AUGMENTATIONS = ("nnunet", "light")
@@ -174,10 +181,14 @@ def augmentation(
 def augmentation_axes(label_names: Sequence[str] | None, spatial_dims: int) -> tuple[list[int], bool]:
     """Flippable spatial axes and whether quarter turns are allowed, for these structure names.
 
-    Anatomy (names of `mednets.anatomy`'s organs) allows only the flips of `allowed_flip_axes`; other
+    Anatomy (every 3D volume: a scan has a head and a foot; 2D images with `mednets.anatomy`'s organs or
+    left/right twins) allows only the flips of `allowed_flip_axes`; other
     structures (cells, nuclei) have no orientation, so every axis flips and 2D images turn by quarters.
     """
     organs = set(anatomy.organ_names())
-    if label_names is None or any(name in organs for name in label_names):
+    anatomical = (
+        spatial_dims == 3 or any(name in organs for name in label_names or ()) or _has_sides(set(label_names or ()))
+    )
+    if label_names is None or anatomical:
         return allowed_flip_axes(label_names, spatial_dims), False
     return list(range(spatial_dims)), spatial_dims == 2

@@ -39,7 +39,7 @@ from mednets.data.transforms import augmentation_axes
 from mednets.data.volume import Volume
 from mednets.devices import resolve_device
 from mednets.engine.run import PreprocessingRecord, RunFolder
-from mednets.engine.sliding_window import sliding_window
+from mednets.engine.sliding_window import WindowPresence, sliding_window
 from mednets.errors import ConfigError, InvalidInputError
 from mednets.host_memory import reuse_freed_memory
 from mednets.models import ModelSpec
@@ -83,6 +83,7 @@ class Prediction:
     labels: np.ndarray
     structures: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    presence_logits: list[float] | None = None  # a presence head's uncalibrated log-odds, structure order
 
 
 def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", device: str = "auto") -> LoadedRun:
@@ -99,16 +100,14 @@ def load_run(run_dir: str | os.PathLike[str], *, checkpoint: str = "best", devic
         raise ConfigError("not a segmentation run (denoise with `mednets denoise`)", source=str(run_dir),
                           got=f"a {spec.task} run")  # fmt: skip
     labels = folder.labels or {}
-    return LoadedRun(
-        folder=folder,
-        model=folder.load_model(checkpoint, target),
-        spec=spec,
-        task=create_task(spec.task, num_classes=len(labels)),
-        structures=folder.structures,
-        preprocessing=folder.preprocessing,
-        inference=config.inference,
-        device=target,
-    )
+    task = create_task(spec.task, num_classes=len(labels))
+    inference = config.inference
+    task.calibration = folder.calibration
+    if task.calibration is not None and task.calibration.volume_floor_fraction is not None:
+        inference = replace(inference, min_volume_fraction=task.calibration.volume_floor_fraction)
+    return LoadedRun(folder=folder, model=folder.load_model(checkpoint, target), spec=spec, task=task,
+                     structures=folder.structures, preprocessing=folder.preprocessing, inference=inference,
+                     device=target)  # fmt: skip
 
 
 class StageClock:
@@ -217,12 +216,13 @@ def predict_image(
         else:
 
             def run_model(x: torch.Tensor) -> dict[str, torch.Tensor]:
-                logits = sliding_window(run.model, x[0], prep.patch_size, overlap=settings.overlap,
+                model = WindowPresence(run.model)
+                logits = sliding_window(model, x[0], prep.patch_size, overlap=settings.overlap,
                                         batch_size=settings.batch_size, size_multiple=run.spec.size_multiple,
                                         accumulate_device=settings.accumulate_device or "cpu",
                                         accumulate_dtype=getattr(torch, settings.accumulate_dtype),
                                         precision=settings.precision, pad_value=fills)  # fmt: skip
-                return run.task.probabilities(logits[None])
+                return run.task.probabilities(model.outputs(logits[None]))
 
             probabilities = _averaged(run_model, image[None], axes)
         decoded = run.task.decode(probabilities, model=run.model, gating=settings.gating)
@@ -250,7 +250,8 @@ def predict_image(
     if prep.orientation:
         labels = Volume(labels, oriented.affine).reoriented(volume.orientation).array
     clock.lap("labels to the input grid")
-    return Prediction(labels=labels, structures=sidecar, seconds=clock.seconds)
+    logits = None if decoded.presence_logits is None else [float(v) for v in decoded.presence_logits]
+    return Prediction(labels=labels, structures=sidecar, seconds=clock.seconds, presence_logits=logits)
 
 
 def drop_small_structures(

@@ -36,6 +36,7 @@ from mednets.errors import CheckpointError
 from mednets.models import ModelSpec, create_model, get_model_spec
 from mednets.models.base import memory_format_for
 from mednets.tasks import create_task, task_type
+from mednets.tasks.calibration import PresenceCalibration
 
 __all__ = ["PreprocessingRecord", "RunFolder", "build_model_for_labels", "build_model_head"]
 
@@ -150,6 +151,7 @@ class RunFolder:
     PREPROCESSING = "preprocessing.json"
     PLAN = "plan.json"
     METRICS = "metrics.csv"
+    CALIBRATION = "calibration.json"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -262,9 +264,21 @@ class RunFolder:
         except CheckpointError:
             return False
 
+    @property
+    def calibration_path(self) -> Path:
+        return self.path / self.CALIBRATION
+
+    @property
+    def calibration(self) -> PresenceCalibration | None:
+        """The presence calibration fitted on validation after training (`engine.calibration`), or None."""
+        if not self.calibration_path.is_file():
+            return None
+        return PresenceCalibration.from_dict(self._json(self.calibration_path), source=str(self.calibration_path))
+
     def run_files(self) -> list[Path]:
         """The files and folders of a training run that exist here, checkpoints first (config, records, metrics)."""
-        names = ("checkpoints", self.CONFIG, self.DATASET, self.PREPROCESSING, self.METRICS, "tensorboard")
+        names = ("checkpoints", self.CONFIG, self.DATASET, self.PREPROCESSING, self.METRICS, self.CALIBRATION,
+                 "tensorboard")  # fmt: skip
         return [self.path / name for name in names if (self.path / name).exists()]
 
     def remove_run_files(self) -> None:

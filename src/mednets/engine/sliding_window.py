@@ -20,6 +20,10 @@ weighted output is added in place into its slice of the output (``addcmul_``); f
 in the process for the next layer (`reuse_freed_memory`). Kept hand-written rather than MONAI's
 inferer because it is measured faster at equal settings (benchmarks/RESULTS.md).
 
+`WindowPresence` lets a model with a presence head go through the blender: its logits are blended,
+its per-window presence logits kept, and a structure's logit for the image is its largest window's
+(present if any window sees it).
+
 `sliding_window_blocks` is the seamless blender for 2D images too large for memory (whole slides): it
 reads the image region by region and hands back finished blocks, with the same windows, batches,
 weights and sums as `sliding_window` on the whole image, so its output is the same bit for bit.
@@ -44,6 +48,7 @@ from mednets.host_memory import reuse_freed_memory
 
 __all__ = [
     "WEIGHTINGS",
+    "WindowPresence",
     "importance_map",
     "seamless_grid",
     "seamless_window",
@@ -53,6 +58,32 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("gaussian", "seamless")
+
+
+class WindowPresence(nn.Module):
+    """`model` as the blender needs it (one logits tensor per batch of windows), keeping its presence logits.
+
+    Use one per image: `logits = sliding_window(wrapper, ...)`, then `wrapper.outputs(logits)`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.window_logits: list[torch.Tensor] = []  # [windows, K] per batch
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(windows)
+        if not isinstance(outputs, dict):
+            return outputs
+        self.window_logits.append(outputs["presence_logits"].float())
+        return outputs["logits"]
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The blended `logits` `[B, C, *S]`, with `presence_logits` `[B, K]` (largest over windows) if any."""
+        if not self.window_logits:
+            return logits
+        largest = torch.cat(self.window_logits).amax(0, keepdim=True).to(logits.device)
+        return {"logits": logits, "presence_logits": largest.expand(logits.shape[0], -1)}
 
 
 @functools.lru_cache(maxsize=16)

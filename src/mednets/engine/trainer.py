@@ -39,7 +39,9 @@ from mednets.host_memory import reuse_freed_memory
 from mednets.models.base import memory_format_for
 from mednets.tasks import Task
 
-__all__ = ["Trainer", "TrainState", "warmup_cosine"]
+__all__ = ["Trainer", "TrainState", "warmup_cosine", "BUDGET_PACE_STEPS"]
+
+BUDGET_PACE_STEPS = 20  # steps before the pace is trusted to fit the schedule to a time budget
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TrainState:
     elapsed_seconds: float = 0.0
     best_value: float | None = None
     best_step: int | None = None
+    schedule_steps: int | None = None  # where the cosine ends: `max_steps`, or the steps the time budget reaches
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -210,8 +213,9 @@ class Trainer:
             _parameter_groups(model, settings.lr, settings.lr_multipliers), lr=settings.lr,
             weight_decay=settings.weight_decay,
         )  # fmt: skip
+        self.state = TrainState()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, settings.warmup_steps, settings.max_steps)
+            self.optimizer, lambda step: warmup_cosine(step, settings.warmup_steps, self._horizon())
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16")
         self.sampler = EpochSampler(
@@ -221,9 +225,25 @@ class Trainer:
             raise ConfigError("fewer training samples per process than the batch size: no batch can be formed",
                               source="train.batch_size", expected=f"at most {len(self.sampler)}",
                               got=settings.batch_size)  # fmt: skip
-        self.state = TrainState()
         self.data_seconds = 0.0  # this step's wait for its batches (logged: loading must hide behind compute)
         self.saved_step: int | None = None  # the step of checkpoints/last, once there is one
+
+    def _horizon(self) -> int:
+        return self.state.schedule_steps or self.config.train.max_steps
+
+    def _fit_schedule_to_budget(self, budget: float | None) -> None:
+        """Shorten the cosine to the steps the time budget reaches at the pace so far (validation included).
+
+        Measured from `BUDGET_PACE_STEPS` on (the first steps carry start-up costs); the horizon only
+        shrinks, the same on every rank (the largest elapsed time decides).
+        """
+        step = self.state.step
+        if budget is None or step < BUDGET_PACE_STEPS:
+            return
+        elapsed = self._elapsed_everywhere()
+        reachable = step + int((budget - elapsed) / (elapsed / step))
+        if reachable < self._horizon():
+            self.state.schedule_steps = max(step + 1, reachable)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -417,7 +437,7 @@ class Trainer:
         validated_step = None
         stop = stop_after_step if stop_after_step is not None else settings.max_steps
         try:
-            while self.state.step < min(stop, settings.max_steps):
+            while self.state.step < min(stop, self._horizon()):
                 step_start = time.perf_counter()
                 self.data_seconds = 0.0
                 terms = self._train_step(batches)
@@ -434,6 +454,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['total']:.4f}", refresh=False)
                 out_of_time = budget is not None and self._elapsed_everywhere() >= budget
+                if self.state.step == BUDGET_PACE_STEPS or self.state.step % settings.val_every == 0:
+                    self._fit_schedule_to_budget(budget)  # before the checkpoint, which keeps the horizon
                 if out_of_time or self.state.step % settings.val_every == 0:
                     metrics = self._validate_and_checkpoint(log) or metrics
                     validated_step = self.state.step

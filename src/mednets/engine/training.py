@@ -28,10 +28,11 @@ from mednets.data.histology import denoising_datasets
 from mednets.data.preprocessing import PreprocessedCache, preprocess_dataset
 from mednets.data.samples import label_atlas, segmentation_datasets
 from mednets.data.streaming import CachedCaseDataset
+from mednets.engine.calibration import calibrate_run
 from mednets.engine.distributed import DistributedContext, barrier, broadcast_from_main, init_distributed
 from mednets.engine.planning import Plan, cache_root, dataset_cache_folder, plan_training
 from mednets.engine.run import PreprocessingRecord, RunFolder, build_model_for_labels, build_model_head
-from mednets.engine.sliding_window import sliding_window
+from mednets.engine.sliding_window import WindowPresence, sliding_window
 from mednets.engine.trainer import Trainer
 from mednets.errors import ConfigError
 from mednets.models import ModelSpec, get_model_spec
@@ -60,11 +61,16 @@ def _labelled_dataset(
 def _validation_inferer(patch_size: tuple[int, ...], precision: str, pad_values: Sequence[float]) -> Any:
     """Patch models validate on whole images through the prediction blender (padded as training pads)."""
 
-    def infer(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        blended = [sliding_window(model, item, patch_size, overlap=VALIDATION_OVERLAP, batch_size=2,
-                                  precision="fp32" if precision == "fp32" else "bf16", pad_value=pad_values)
-                   for item in image]  # fmt: skip
-        return torch.stack(blended)
+    def infer(model: nn.Module, image: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        outputs = []
+        for item in image:  # [C, *S] each
+            windows = WindowPresence(model)
+            logits = sliding_window(windows, item, patch_size, overlap=VALIDATION_OVERLAP, batch_size=2,
+                                    precision="fp32" if precision == "fp32" else "bf16", pad_value=pad_values)  # fmt: skip
+            outputs.append(windows.outputs(logits[None]))
+        if isinstance(outputs[0], torch.Tensor):
+            return torch.cat(outputs)
+        return {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
 
     return infer
 
@@ -300,6 +306,12 @@ def run_training(
     _check_input_fits_model(setup, spec, context)
     if context.is_main:
         _write_run_records(folder, setup, resume=resume)
+    folder.calibration_path.unlink(missing_ok=True)  # it belongs to the finished weights, fitted again below
     trainer = Trainer(setup.config, setup.model, setup.task, setup.train_set, setup.val_set, run_dir, context=context,
                       progress=progress, infer=setup.infer, spatial_dims=spec.spatial_dims)  # fmt: skip
-    return trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume)
+    if context.is_main and setup.dataset is not None and spec.spatial_dims == 3:
+        cases = list(getattr(setup.val_set, "cases", []))
+        calibration = calibrate_run(run_dir, setup.dataset, cases, device=str(context.device), progress=progress)
+        result["calibration"] = None if calibration is None else calibration.to_dict()
+    return result

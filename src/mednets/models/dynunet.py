@@ -65,6 +65,10 @@ class DynUNetSegmenter(MednetsModel):
         # layer); the GroupNorm form computes the same statistics in place of the layout (`InstanceNorm`).
         instance_norms_as_group_norms(self.net)
 
+    def segmentation_head(self) -> nn.Module:
+        """The final logits layer (a presence head reads its input features)."""
+        return self.net.output_block
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.in_channels, spatial_dims=self.spatial_dims)
         return self.run_block(self.net, x)  # [B, out_channels, *S]

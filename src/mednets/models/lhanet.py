@@ -652,6 +652,10 @@ class LHANet(MednetsModel):
         """Alias of `num_classes`, the name `create_model` uses."""
         return self.num_classes
 
+    def segmentation_head(self) -> nn.Module:
+        """The final logits layer (a presence head reads its input features)."""
+        return self.head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, Any]:
         check_input(x, channels=self.in_channels, spatial_dims=self.spatial_dims)
         f0, f1, f2, f3, f4 = self.backbone(x, self.run_block)  # [B, c_k, *S / stride_k], finest first

@@ -33,11 +33,14 @@ __all__ = [
     "get_model_spec",
     "TASKS",
     "GRID_OPTION",
+    "PRESENCE_OPTION",
 ]
 
 TASKS = ("segmentation", "absence_segmentation", "denoising")
 # The builder argument of a whole-image model that sets its grid (the spec's `input_size`).
 GRID_OPTION = "grid_size"
+# The option of every softmax segmenter that adds a presence head (`mednets.models.presence`).
+PRESENCE_OPTION = "presence_head"
 # Old option names accepted by `create_model` for one release, and the name each stands for.
 _DEPRECATED_ALIASES = {
     "n_channels": "in_channels",
@@ -97,8 +100,9 @@ class ModelSpec:
 
     @property
     def options(self) -> list[str]:
-        """Keyword arguments the builder accepts."""
-        return [p for p in inspect.signature(self.builder).parameters if p != "kwargs"]
+        """Keyword arguments the builder accepts, and `presence_head` for softmax segmenters."""
+        options = [p for p in inspect.signature(self.builder).parameters if p != "kwargs"]
+        return [*options, PRESENCE_OPTION] if self.task == "segmentation" else options
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -314,8 +318,9 @@ def create_model(
         in_channels: input channels (default: the spec's).
         out_channels: output channels: classes for segmentation, structures for absence-aware
             segmentation, image channels for denoising (default: the spec's).
-        **overrides: other arguments of the model's builder (`get_model_spec(name).options`). The seed
-            names `n_channels` (for `in_channels`) and `n_classes`, `num_classes`, `num_structures`
+        **overrides: other arguments of the model's builder (`get_model_spec(name).options`), and
+            `presence_head=True` for a segmentation model: per-structure presence logits
+            (`mednets.models.presence`) beside its segmentation. The seed names `n_channels` (for `in_channels`) and `n_classes`, `num_classes`, `num_structures`
             (for `out_channels`) are accepted for one release, with a `FutureWarning`.
 
     Raises:
@@ -326,7 +331,14 @@ def create_model(
         overrides["in_channels"] = in_channels
     if out_channels is not None:
         overrides["out_channels"] = out_channels
-    return get_model_spec(name).builder(**model_options(name, overrides, stacklevel=4))
+    options = model_options(name, overrides, stacklevel=4)
+    presence_head = bool(options.pop(PRESENCE_OPTION, False))
+    model = get_model_spec(name).builder(**options)
+    if presence_head:
+        from mednets.models.presence import with_presence_head
+
+        model = with_presence_head(model)
+    return model
 
 
 def model_options(name: str, overrides: Mapping[str, Any], *, stacklevel: int = 3) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class UNet(MednetsModel):
         """Alias of the seed's `n_classes`."""
         return self.n_classes
 
+    def segmentation_head(self) -> nn.Module:
+        """The final logits layer (a presence head reads its input features)."""
+        return self.outc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, channels=self.n_channels, spatial_dims=self.spatial_dims)
         x1 = self.run_block(self.inc, x)  # [B, c0, *S]

@@ -54,6 +54,7 @@ class RunData:
     truth_dir: Path | None
     truth_info: dict[str, Any] | None
     timings: dict[str, Any] | None
+    calibration: dict[str, Any] | None = None  # the presence calibration fitted on validation (calibration.json)
 
 
 def read_json(path: Path) -> Any:
@@ -146,6 +147,7 @@ def load_run_data(run_dir: Path, predictions: Path | None, scores: Path | None, 
         truth_dir=truth_dir,
         truth_info=truth_info,
         timings=read_json(run_dir / TIMINGS_FILE),
+        calibration=read_json(folder.calibration_path),
     )
 
 

@@ -211,6 +211,7 @@ def plot_case_overlay(
     *,
     window: tuple[float, float] = DEFAULT_WINDOW,
     alpha: float = 0.5,
+    structures: dict[str, int] | None = None,
 ) -> Figure:
     """Axial and coronal slices through `point`: image, truth overlay, prediction overlay (2 x 3 panels).
 
@@ -227,7 +228,7 @@ def plot_case_overlay(
     k, j, _ = (int(np.clip(c, 0, n - 1)) for c, n in zip(point, image.shape, strict=True))
     maps = [("image", None), ("truth", truth), ("prediction", prediction)]
     ids = sorted({int(v) for _, m in maps if m is not None for v in np.unique(m) if v})
-    colours = label_colours(ids)
+    colours = label_colours(ids, structures)
     lut = np.zeros((max(ids, default=0) + 1, 4))
     for label_id, (_, rgb) in colours.items():
         lut[label_id] = (*rgb, alpha)

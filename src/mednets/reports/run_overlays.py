@@ -136,7 +136,8 @@ def overlays_section(run: RunData) -> tuple[str, str, str]:
         label_path = _label_path(run, case)
         truth = read_volume(label_path).reoriented("LPS").array if label_path else None
         point = _centre_point(run, truth, prediction, focus_name if focus_name in run.labels else None)
-        figure = plot_case_overlay(image.array, truth, prediction, image.spacing, [round(c) for c in point])
+        figure = plot_case_overlay(image.array, truth, prediction, image.spacing, [round(c) for c in point],
+                                   structures=run.labels)  # fmt: skip
         content += [
             f"<h3>{html.escape(case)}: {html.escape(why)}</h3>",
             f'<div class="case">{embed(figure, f"overlay of {case}")}',

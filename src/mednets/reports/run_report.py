@@ -215,6 +215,44 @@ def _dice(run: RunData) -> tuple[str, str, str]:
     )
 
 
+def _calibration_table(run: RunData) -> list[str]:
+    """The presence calibration fitted on the validation cases, if the run has one."""
+    calibration = run.calibration
+    if not calibration:
+        return []
+    fitted = calibration.get("fitted_on", {})
+    temperatures = calibration["temperatures"]
+    return [
+        table(
+            [
+                "validation cases",
+                "absent pairs",
+                "ECE before",
+                "ECE after",
+                "threshold",
+                "volume floor",
+                "temperatures (min-max)",
+            ],
+            [
+                [
+                    fitted.get("validation_cases"),
+                    fitted.get("absent_pairs"),
+                    fmt(fitted.get("ece_before")),
+                    fmt(fitted.get("ece_after")),
+                    fmt(calibration["threshold"]),
+                    fmt(calibration.get("volume_floor_fraction")),
+                    f"{min(temperatures):.2f}-{max(temperatures):.2f}",
+                ]
+            ],
+        ),
+        note(
+            "Presence calibration, fitted on the validation cases after training (never on test data): the "
+            "sidecars' probabilities are sigmoid(logit / temperature); a structure is called present at or above "
+            "the threshold and emptied when painted with less than the floor times its smallest training volume."
+        ),
+    ]
+
+
 def _presence(run: RunData) -> tuple[str, str, str]:
     if not run.evaluation:
         return section("presence", "Presence detection", missing_evaluation(run))
@@ -241,9 +279,11 @@ def _presence(run: RunData) -> tuple[str, str, str]:
             "presence calibration",
         ),
         "</div></div>",
+        *_calibration_table(run),
         note(
-            "The confusion matrix counts the model's decisions (the sidecars' present flags); the metrics above "
-            "threshold the presence probability at 0.5."
+            "The confusion matrix and accuracy, precision, recall and F1 count the model's decisions (the "
+            "sidecars' present flags); AUROC and ECE score its presence probabilities. The reliability diagram "
+            "bins them against how often the structure was there."
             + (
                 " This model has no presence head: presence is read from its masks (probability 0 or 1)."
                 if from_mask

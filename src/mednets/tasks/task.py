@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mednets.errors import ConfigError, UnknownNameError
 from mednets.losses import DeepSupervisionLoss, DenoisingLoss, SpatialAttentionLoss
 from mednets.metrics import dice_per_class, psnr, ssim
+from mednets.tasks.calibration import PresenceCalibration
 from mednets.tasks.decoding import claimed_labels, smallest_claim_first
 
 __all__ = [
@@ -51,6 +52,7 @@ class Decoded:
         presence_probs: `[K]` presence probabilities from a presence head, or None.
         confidence: `[K]` confidence of the presence decisions, or None.
         present: `[K]` bool presence decisions, or None (then presence is read from the mask).
+        presence_logits: `[K]` the uncalibrated presence log-odds, or None (what calibration is fitted to).
     """
 
     scores: torch.Tensor
@@ -58,6 +60,7 @@ class Decoded:
     presence_probs: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
     present: torch.Tensor | None = None
+    presence_logits: torch.Tensor | None = None
 
 
 class Task:
@@ -68,6 +71,7 @@ class Task:
     out_channels: int | None = None  # model outputs for the dataset's labels; None keeps the model's own
     call_options: Mapping[str, Any] = {}  # keyword arguments of the model's forward at prediction and export
     export_outputs: tuple[str, ...] | None = None  # outputs an exported graph carries; None: all the model's
+    calibration: PresenceCalibration | None = None  # fitted on validation after training (`engine.calibration`)
 
     def loss(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         """Named loss terms and `total` (a scalar to minimise)."""
@@ -126,6 +130,17 @@ class Task:
         return entries
 
 
+def presence_decisions(
+    logits: torch.Tensor, calibration: PresenceCalibration | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Presence probabilities and decisions `[..., K]` of presence logits: calibrated if a calibration is given."""
+    if calibration is None:
+        probabilities = torch.sigmoid(logits.float())
+        return probabilities, probabilities >= 0.5
+    probabilities = calibration.probabilities(logits)
+    return probabilities, probabilities >= calibration.threshold
+
+
 def _voxels_per_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Voxels of each foreground class per sample of a label map `[B, *S]`: `[B, K]`."""
     return torch.stack([(labels == c).flatten(1).sum(1) for c in range(1, num_classes)], 1)
@@ -148,17 +163,28 @@ class SegmentationTask(Task):
     head's size decides it (the trained weights carry it), so training, validation and prediction
     agree without another switch; for prediction the sigmoid becomes the two scores `(1 - p, p)`.
 
+    A model with a presence head (`create_model(name, presence_head=True)`) adds `presence_logits`
+    `[B, K]`: the loss gains the `presence` term (BCE against "the structure has voxels in this
+    input", absent pairs weighing `absent_weight`), and prediction calls a structure absent when its
+    calibrated presence probability is below the threshold (`calibration`, else 0.5), emptying it
+    with gating.
+
     Args:
         num_classes: classes including background.
         deep_supervision_weights: weights of the auxiliary levels, finest first (see `DeepSupervisionLoss`).
+        presence_weight: weight of the presence term (models with a presence head).
+        absent_weight: weight of absent pairs in the presence term: absences are a few percent of pairs.
     """
 
     name = "segmentation"
 
-    def __init__(self, num_classes: int, deep_supervision_weights: tuple[float, ...] | None = None) -> None:
+    def __init__(self, num_classes: int, deep_supervision_weights: tuple[float, ...] | None = None,
+                 presence_weight: float = 1.0, absent_weight: float = 3.0) -> None:  # fmt: skip
         self.num_classes = num_classes
         self.out_channels = num_classes
         self.criterion = DeepSupervisionLoss(aux_weights=deep_supervision_weights)
+        self.presence_weight = float(presence_weight)
+        self.absent_weight = float(absent_weight)
 
     def head_sizes(self) -> list[int]:
         return [self.num_classes, 1] if self.num_classes == 2 else [self.num_classes]
@@ -168,25 +194,51 @@ class SegmentationTask(Task):
         return f"one softmax output per label, background included{binary}"
 
     def probabilities(self, outputs: Any) -> dict[str, torch.Tensor]:
-        """`scores` `[B, K+1, *S]`: the softmax, or `(1 - p, p)` of a binary head's sigmoid `p`."""
+        """`scores` `[B, K+1, *S]`: the softmax, or `(1 - p, p)` of a binary head's sigmoid `p`; and
+        `presence_logits` `[B, K]` from a presence head."""
         logits = (outputs["logits"] if isinstance(outputs, Mapping) else outputs).float()
         if logits.shape[1] == 1:
             foreground = torch.sigmoid(logits)
             return {"scores": torch.cat([1 - foreground, foreground], 1)}
-        return {"scores": torch.softmax(logits, 1)}
+        probabilities = {"scores": torch.softmax(logits, 1)}
+        if isinstance(outputs, Mapping) and "presence_logits" in outputs:
+            probabilities["presence_logits"] = outputs["presence_logits"].float()
+        return probabilities
 
     def decode(self, probabilities: Mapping[str, torch.Tensor], *, model: Any, gating: bool) -> Decoded:
-        return Decoded(scores=probabilities["scores"][0])
+        scores = probabilities["scores"][0]
+        if "presence_logits" not in probabilities:
+            return Decoded(scores=scores)
+        presence, present = presence_decisions(probabilities["presence_logits"][0].cpu(), self.calibration)
+        if gating:  # an absent structure scores 0: it never wins a voxel
+            scores = scores * torch.cat([torch.ones(1, dtype=torch.bool), present]).to(scores.device).view(
+                -1, *[1] * (scores.ndim - 1))  # fmt: skip
+        confidence = torch.maximum(presence, 1 - presence)  # the calibrated chance that the decision is right
+        return Decoded(scores=scores, presence_probs=presence, confidence=confidence, present=present,
+                       presence_logits=probabilities["presence_logits"][0].float().cpu())  # fmt: skip
 
     def loss(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.criterion(outputs, batch["label"])
+        terms = self.criterion(outputs, batch["label"])
+        if isinstance(outputs, Mapping) and "presence_logits" in outputs:
+            in_input = _voxels_per_class(batch["label"].long().flatten(1), self.num_classes) > 0  # [B, K]
+            logits = outputs["presence_logits"].float()
+            weights = torch.where(in_input, 1.0, self.absent_weight)
+            bce = F.binary_cross_entropy_with_logits(logits, in_input.float(), reduction="none")
+            terms["presence"] = (bce * weights).sum() / weights.sum()
+            terms["total"] = terms["total"] + self.presence_weight * terms["presence"]
+        return terms
 
     def predict(self, outputs: Any) -> dict[str, torch.Tensor]:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
+        if isinstance(outputs, Mapping) and "presence_logits" in outputs:
+            presence, present = presence_decisions(outputs["presence_logits"], self.calibration)
+            gate = torch.cat([torch.ones_like(present[:, :1]), present], 1)  # [B, K+1], background kept
+            logits = logits.float().masked_fill(~gate.view(*gate.shape, *[1] * (logits.ndim - 2)), float("-inf"))
+            return {"labels": logits.argmax(1), "presence_probs": presence, "present": present}
         # A binary head paints where its sigmoid exceeds 0.5 (logit > 0), as the argmax of (1 - p, p) in `decode`.
         labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
         present = _voxels_per_class(labels, self.num_classes) > 0
-        return {"labels": labels, "presence_probs": present.float()}
+        return {"labels": labels, "presence_probs": present.float(), "present": present}
 
     def batch_metrics(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         predicted = self.predict(outputs)
@@ -194,9 +246,7 @@ class SegmentationTask(Task):
         dice = dice_per_class(predicted["labels"], truth, self.num_classes)
         metrics = {"dice": _nanmean_rows(dice)}
         if "presence" in batch:
-            metrics["presence_accuracy"] = (
-                (predicted["presence_probs"].bool() == batch["presence"].bool()).float().mean(1)
-            )
+            metrics["presence_accuracy"] = (predicted["present"] == batch["presence"].bool()).float().mean(1)
             absent = ~batch["presence"].bool()
             painted = _voxels_per_class(predicted["labels"], self.num_classes).float()
             metrics["absent_painted_voxels"] = (painted * absent).sum(1)
@@ -234,11 +284,15 @@ class AbsenceSegmentationTask(Task):
 
     def probabilities(self, outputs: Any) -> dict[str, torch.Tensor]:
         keys = ("segmentation_probs", "presence_probs", "confidence_scores")
-        return {key: outputs[key] for key in keys}
+        absence = outputs["absence_logits"].float()
+        return {**{key: outputs[key] for key in keys}, "presence_logits": absence[..., 1] - absence[..., 0]}
 
     def decode(self, probabilities: Mapping[str, torch.Tensor], *, model: Any, gating: bool) -> Decoded:
-        presence = probabilities["presence_probs"][0].float().cpu()  # [S]
-        present = presence >= torch.as_tensor(model.presence_threshold, dtype=torch.float32)
+        if self.calibration is None:  # the model's own probabilities and threshold
+            presence = probabilities["presence_probs"][0].float().cpu()  # [S]
+            present = presence >= torch.as_tensor(model.presence_threshold, dtype=torch.float32)
+        else:
+            presence, present = presence_decisions(probabilities["presence_logits"][0].cpu(), self.calibration)
         probs = probabilities["segmentation_probs"][0].float().cpu()  # [S, *grid]
         if gating:
             probs = probs * present.view(-1, *[1] * (probs.ndim - 1))
@@ -248,7 +302,7 @@ class AbsenceSegmentationTask(Task):
         scores = torch.cat([torch.full_like(probs[:1], 0.5), probs])
         confidence = probabilities["confidence_scores"][0].float().cpu()
         return Decoded(scores=scores, priority=priority, presence_probs=presence, confidence=confidence,
-                       present=present)  # fmt: skip
+                       present=present, presence_logits=probabilities["presence_logits"][0].float().cpu())  # fmt: skip
 
     def _targets(self, batch: Batch) -> dict[str, torch.Tensor]:
         label = batch["label"].long()
