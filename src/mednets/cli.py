@@ -17,7 +17,7 @@ from rich.table import Table
 
 from mednets.cli_inference import AsJson, Checkpoint, Device, Quiet, denoise_command, predict_command
 from mednets.cli_options import join_multi_value_options, parse_numbers, readable_metavars
-from mednets.errors import ConfigError, MednetsError
+from mednets.errors import ConfigError, MednetsError, UnknownNameError
 
 __all__ = ["app", "main"]
 
@@ -155,9 +155,9 @@ def phantoms_command(
         str | None,
         typer.Option(
             "--absence-rate",
-            help="Rate of each absence scenario: one number for all, or name=rate pairs, e.g. "
-            "splenectomy=0.3,truncated_top=0.1 (left_nephrectomy, right_nephrectomy, splenectomy, "
-            "cholecystectomy, truncated_top, truncated_bottom).",
+            help="Rate of each scenario: one number for all, or name=rate pairs, e.g. splenectomy=0.3,truncated_top=0.1 "
+            "(left_/right_: nephrectomy, renal_agenesis, kidney_atrophy, partial_nephrectomy; splenectomy, "
+            "splenic_atrophy, cholecystectomy, partial_hepatectomy, truncated_top, truncated_bottom).",
         ),
     ] = None,
     workers: Annotated[
@@ -169,6 +169,9 @@ def phantoms_command(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset in --out.")] = False,
+    kind: Annotated[
+        str, typer.Option("--kind", metavar="abdomen|thorax", help="abdomen, or thorax (lungs, heart, vertebrae).")
+    ] = "abdomen",
 ) -> None:
     """Generate synthetic abdominal CT (or MR-like) phantoms (13 organs, absent-organ scenarios) as a dataset folder."""
     from mednets.data.phantoms import PhantomConfig, default_workers, parse_absence_rates, write_phantom_dataset
@@ -177,6 +180,18 @@ def phantoms_command(
     if spacing is not None:
         values = parse_numbers(spacing, "--spacing", kind=float, counts=(1, 3))
         spacing_mm = values * 3 if len(values) == 1 else values
+    if kind not in ("abdomen", "thorax"):
+        raise UnknownNameError("unknown phantom kind", source="--kind", expected="abdomen, thorax", got=kind)
+    if kind == "thorax":  # mednets.data.phantom_thorax: its own scenarios, CT at one spacing, drawn in one process
+        from mednets.data import phantom_thorax
+
+        if mixed_spacing or modality.lower() != "ct" or (workers or 1) > 1:
+            raise ConfigError("thorax phantoms take no --mixed-spacing, --modality mr or --workers", source="--kind")
+        rates = phantom_thorax.parse_absence_rates(absence_rate)
+        thorax = phantom_thorax.ThoraxConfig(parse_numbers(shape, "--shape", counts=(3,)), spacing_mm, rates)
+        root = phantom_thorax.write_thorax_dataset(out, n, seed, thorax, overwrite=overwrite, progress=True)
+        console.print(f"wrote {n} thorax phantoms to {root}")
+        return
     config = PhantomConfig(
         shape=parse_numbers(shape, "--shape", counts=(3,)),
         spacing=spacing_mm,

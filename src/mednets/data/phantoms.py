@@ -15,17 +15,21 @@ muscle about 50, liver 60, spleen 50, pancreas 45, adrenals 40, gallbladder bile
 about 160 above medulla about 95, aorta 200, portal/splenic vein 175, inferior vena cava 155, bone
 about 250 (cancellous) to 700 (cortex). Sizes follow typical adult volumes (`mednets.anatomy`).
 
-Absence scenarios (each drawn with its own rate): left or right nephrectomy, splenectomy,
-cholecystectomy (a surgical clip stays), and a field of view truncated at the top or the bottom,
-which removes some organs and cuts others. Every organ is recorded present (>= `min_voxels`
-voxels) or absent with the reason; organs left with fewer voxels than that by truncation are erased
-from the label map so the record and the labels always agree.
+Scenarios (each drawn with its own rate; one per site: kidneys, spleen, scan ends; see `SCENARIOS`):
+organs absent after surgery (nephrectomy, splenectomy, cholecystectomy; clips left in some cases
+only) or from birth (renal agenesis: the other kidney is larger); organs present but small (atrophy,
+partial resection by a plane); and a field of view whose top or bottom edge lies at a random level,
+which removes some organs and cuts others. Bowel loops fill most emptied renal and liver beds.
+Every organ is recorded present (>= `min_voxels` voxels) or absent with the reason, small present
+organs with theirs; organs left with fewer voxels than that by truncation are erased from the label
+map so the record and the labels always agree. Scenarios draw from a random stream of their own, so
+a case's anatomy is the same whatever its scenarios (a nephrectomy case is its twin without the kidney).
 
 Full-size scans: with ``mixed_spacing`` every case gets its own voxel size (in-plane 0.6-0.95 mm,
 slices of 1.25-5 mm) and slice count, like a clinical dataset; scans with in-plane voxels under
 about 1.07 mm are drawn on a coarse grid (2.5 mm slices, 1.6 mm in-plane) and resampled
-(`mednets.data.phantom_grid`), so a 512x512x300 case takes seconds. The 64³ path is unchanged
-(same seed, same bytes). ``modality="mr"`` renders the same anatomy and labels as an MR-like image
+(`mednets.data.phantom_grid`), so a 512x512x300 case takes seconds; the 64³ default is drawn
+voxel by voxel. ``modality="mr"`` renders the same anatomy and labels as an MR-like image
 in arbitrary units (`mednets.data.phantom_mr`).
 """
 
@@ -39,7 +43,7 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -66,6 +70,7 @@ __all__ = [
     "SCENARIOS",
     "Phantom",
     "PhantomConfig",
+    "Scenario",
     "case_geometry",
     "default_workers",
     "generate_phantom",
@@ -73,23 +78,65 @@ __all__ = [
     "write_phantom_dataset",
 ]
 
-# Scenario -> (organs it removes, reason written into dataset.json).
-SCENARIOS: dict[str, tuple[tuple[str, ...], str]] = {
-    "left_nephrectomy": (("left_kidney",), "left nephrectomy"),
-    "right_nephrectomy": (("right_kidney",), "right nephrectomy"),
-    "splenectomy": (("spleen",), "splenectomy"),
-    "cholecystectomy": (("gallbladder",), "cholecystectomy"),
-    "truncated_top": ((), "outside the field of view (truncated at the top)"),
-    "truncated_bottom": ((), "outside the field of view (truncated at the bottom)"),
+
+class Scenario(NamedTuple):
+    """What a scenario does to a case.
+
+    Attributes:
+        organs: the organs it makes absent (``effect="absent"``) or small (``"small"``, still present).
+        reason: the reason written into the case's record (``absent`` or ``small``).
+        effect: ``"absent"``, ``"small"`` or ``"fov"`` (the field of view moves: organs lost or cut).
+        site: scenarios of one site exclude each other in a case (one kidney scenario per patient).
+        clip_rate: probability that surgical clips stay (at the vessel stumps or the resection margin).
+    """
+
+    organs: tuple[str, ...]
+    reason: str
+    effect: str
+    site: str
+    clip_rate: float = 0.0
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "left_nephrectomy": Scenario(("left_kidney",), "left nephrectomy", "absent", "kidney", 0.5),
+    "right_nephrectomy": Scenario(("right_kidney",), "right nephrectomy", "absent", "kidney", 0.5),
+    "left_renal_agenesis": Scenario(("left_kidney",), "congenital absence (solitary kidney)", "absent", "kidney"),
+    "right_renal_agenesis": Scenario(("right_kidney",), "congenital absence (solitary kidney)", "absent", "kidney"),
+    "splenectomy": Scenario(("spleen",), "splenectomy", "absent", "spleen", 0.5),
+    "cholecystectomy": Scenario(("gallbladder",), "cholecystectomy", "absent", "gallbladder", 0.7),
+    "truncated_top": Scenario((), "outside the field of view (truncated at the top)", "fov", "fov"),
+    "truncated_bottom": Scenario((), "outside the field of view (truncated at the bottom)", "fov", "fov"),
+    "left_kidney_atrophy": Scenario(("left_kidney",), "atrophy (small kidney)", "small", "kidney"),
+    "right_kidney_atrophy": Scenario(("right_kidney",), "atrophy (small kidney)", "small", "kidney"),
+    "splenic_atrophy": Scenario(("spleen",), "atrophy (small spleen)", "small", "spleen"),
+    "left_partial_nephrectomy": Scenario(("left_kidney",), "partial nephrectomy", "small", "kidney", 0.7),
+    "right_partial_nephrectomy": Scenario(("right_kidney",), "partial nephrectomy", "small", "kidney", 0.7),
+    "partial_hepatectomy": Scenario(("liver",), "partial hepatectomy (left lobe resected)", "small", "liver", 0.5),
 }
 DEFAULT_ABSENCE_RATES: dict[str, float] = {
-    "left_nephrectomy": 0.1,
-    "right_nephrectomy": 0.1,
+    "left_nephrectomy": 0.08,
+    "right_nephrectomy": 0.08,
+    "left_renal_agenesis": 0.06,
+    "right_renal_agenesis": 0.06,
     "splenectomy": 0.1,
     "cholecystectomy": 0.15,
-    "truncated_top": 0.1,
-    "truncated_bottom": 0.1,
+    "truncated_top": 0.08,
+    "truncated_bottom": 0.08,
+    "left_kidney_atrophy": 0.05,
+    "right_kidney_atrophy": 0.05,
+    "splenic_atrophy": 0.08,
+    "left_partial_nephrectomy": 0.05,
+    "right_partial_nephrectomy": 0.05,
+    "partial_hepatectomy": 0.08,
 }
+# Where the cut edge of a truncated scan lies (patient z, mm): anywhere from below the kidneys to the
+# liver dome, so organs are lost or cut at every level.
+TRUNCATED_TOP_EDGE_MM = (-70.0, 130.0)
+TRUNCATED_BOTTOM_EDGE_MM = (-60.0, 130.0)
+ATROPHY_VOLUME = (0.3, 0.5)  # of the organ's normal volume
+HYPERTROPHY_VOLUME = (1.3, 1.5)  # compensatory growth of a solitary kidney
+DISPLACED_BOWEL_RATE = 0.8  # empty renal and liver beds filled by bowel loops rather than fat
+CLIP_HU = 6000.0  # metal: about 1800 HU after the partial-volume blur of a 5 mm voxel, above any bone
 DEFAULT_FOV_MM = 320.0  # 64 voxels of 5 mm: diaphragm domes to iliac crests with margin
 MODALITIES = ("ct", "mr")
 # Mixed spacing: clinical abdominal CT voxel sizes and craniocaudal coverage.
@@ -165,10 +212,12 @@ class Phantom:
         image: int16 HU ``[D, H, W]``.
         labels: uint8 organ ids ``[D, H, W]`` (`mednets.anatomy` numbering).
         affine: 4x4 RAS affine (index ``(w, h, d)`` to mm).
-        scenarios: the absence scenarios applied.
+        scenarios: the scenarios applied.
         absent: {organ name: reason} for every organ without voxels.
         cut: {organ name: reason} for present organs touching the top or bottom slice.
-        info: drawing parameters (size factor, field-of-view shift) for the record.
+        info: drawing parameters for the record: size factor, field-of-view shift, ``clips`` (organs
+            whose surgical clips are in view), ``displaced_bowel`` (organs whose emptied bed bowel fills).
+        small: {organ name: reason} for present organs drawn small (atrophy, partial resection).
     """
 
     image: np.ndarray
@@ -178,10 +227,11 @@ class Phantom:
     absent: dict[str, str]
     cut: dict[str, str]
     info: dict[str, Any]
+    small: dict[str, str] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The case's entry in dataset.json ``cases``."""
-        return {"scenarios": self.scenarios, "absent": self.absent, "cut": self.cut, **self.info}
+        return {"scenarios": self.scenarios, "absent": self.absent, "cut": self.cut, "small": self.small, **self.info}
 
 
 def parse_absence_rates(text: str | float | dict[str, float] | None) -> dict[str, float]:
@@ -344,12 +394,60 @@ def _coarse_noise(rng: np.random.Generator, shape: tuple[int, ...], cell_mm: flo
 
 
 def _draw_scenarios(rng: np.random.Generator, rates: dict[str, float]) -> list[str]:
+    """The case's scenarios in `SCENARIOS` order, one per site (drawn at random among those chosen)."""
     chosen = [name for name in SCENARIOS if rng.random() < rates.get(name, 0.0)]
-    # One patient keeps at least one kidney, and a scan is truncated at one end at most.
-    for a, b in (("left_nephrectomy", "right_nephrectomy"), ("truncated_top", "truncated_bottom")):
-        if a in chosen and b in chosen:
-            chosen.remove(b if rng.random() < 0.5 else a)
-    return chosen
+    # One kidney scenario per patient keeps at least one normal-sized kidney, and a scan is truncated at one end.
+    kept = set()
+    for site in dict.fromkeys(SCENARIOS[name].site for name in chosen):
+        rivals = [name for name in chosen if SCENARIOS[name].site == site]
+        kept.add(rivals[int(rng.integers(len(rivals)))])
+    return [name for name in chosen if name in kept]
+
+
+@dataclass
+class _Changes:
+    """What a case's scenarios do to its anatomy (drawn from the scenario stream).
+
+    Attributes:
+        absent: {organ: reason} of organs not drawn.
+        small: {organ: reason} of organs drawn small.
+        volume: {organ: factor} on an organ's volume (atrophy, compensatory hypertrophy).
+        resection: {organ: plane} where a resection plane cuts it, in units of a semi-axis from a centre
+            (kidney: its long axis, negative for the lower pole; liver: the right lobe's, towards the left).
+        clips: organs whose vessel stumps or resection margin keep surgical clips.
+        bowel_bed: organs whose empty bed bowel loops fill (an absent kidney, the resected liver).
+    """
+
+    absent: dict[str, str] = field(default_factory=dict)
+    small: dict[str, str] = field(default_factory=dict)
+    volume: dict[str, float] = field(default_factory=dict)
+    resection: dict[str, float] = field(default_factory=dict)
+    clips: set[str] = field(default_factory=set)
+    bowel_bed: set[str] = field(default_factory=set)
+
+
+def _plan_changes(scenarios: list[str], rng: np.random.Generator) -> _Changes:
+    """Draw what each of the case's scenarios does (volumes, resection planes, clips, bowel)."""
+    changes = _Changes()
+    for name in scenarios:
+        scenario = SCENARIOS[name]
+        for organ in scenario.organs:
+            (changes.absent if scenario.effect == "absent" else changes.small)[organ] = scenario.reason
+            if rng.random() < scenario.clip_rate:
+                changes.clips.add(organ)
+            if name.endswith("atrophy"):
+                changes.volume[organ] = float(rng.uniform(*ATROPHY_VOLUME))
+            elif name.endswith("renal_agenesis"):
+                other = "right_kidney" if organ == "left_kidney" else "left_kidney"
+                changes.volume[other] = float(rng.uniform(*HYPERTROPHY_VOLUME))
+            elif name.endswith("partial_nephrectomy"):  # a polar resection keeps 65-85% of the kidney
+                changes.resection[organ] = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.5))
+            elif name == "partial_hepatectomy":  # the left lobe and the right lobe's medial 10-30%
+                changes.resection[organ] = float(rng.uniform(0.3, 0.6))
+            emptied = name == "partial_hepatectomy" or (organ.endswith("kidney") and scenario.effect == "absent")
+            if emptied and rng.random() < DISPLACED_BOWEL_RATE:
+                changes.bowel_bed.add(organ)
+    return changes
 
 
 def generate_phantom(seed: int, config: PhantomConfig | None = None, *, case_index: int = 0) -> Phantom:
@@ -373,18 +471,19 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None, *, case_ind
 
 def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
     rng = np.random.default_rng([seed, case_index])
+    scenario_rng = np.random.default_rng([seed, case_index, 3])
     shape, spacing = case_geometry(seed, config, case_index=case_index)
-    scenarios = _draw_scenarios(rng, config.absence_rates)
-    removed = {organ: SCENARIOS[s][1] for s in scenarios for organ in SCENARIOS[s][0]}
+    scenarios = _draw_scenarios(scenario_rng, config.absence_rates)
+    changes = _plan_changes(scenarios, scenario_rng)
 
-    fov_z = shape[0] * spacing[0]
     z_offset = float(rng.uniform(-12.0, 12.0))  # ordinary variation of where the scan starts
-    # Truncation shifts the scan range: from the top it loses the oesophagus, adrenals and the upper
-    # spleen and liver; from the bottom the kidneys, gallbladder and pancreatic head go first.
+    # Truncation puts the scan's top or bottom edge at a random level: from the top it loses the
+    # oesophagus, adrenals, spleen and liver in turn; from the bottom the kidneys, gallbladder and pancreas.
+    half_fov = (shape[0] - 1) / 2.0 * spacing[0]
     if "truncated_top" in scenarios:
-        z_offset -= float(rng.uniform(0.25, 0.5)) * fov_z
+        z_offset = float(scenario_rng.uniform(*TRUNCATED_TOP_EDGE_MM)) - half_fov
     if "truncated_bottom" in scenarios:
-        z_offset += float(rng.uniform(0.3, 0.6)) * fov_z
+        z_offset = float(scenario_rng.uniform(*TRUNCATED_BOTTOM_EDGE_MM)) + half_fov
     grid = drawing_grid(shape, spacing) if uses_drawing_grid(spacing) else None
     if grid is None:
         canvas = _Canvas(shape, spacing, z_offset, rng)
@@ -400,7 +499,7 @@ def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
     coarse = _coarse_noise(rng, canvas.shape, 45.0, canvas.spacing)
     loops = _coarse_noise(rng, canvas.shape, 28.0, canvas.spacing)
     _draw_body(canvas, rng, size, height, fat_mm, visceral, fine, coarse, loops)
-    _draw_organs(canvas, rng, size, height, removed, fine)
+    drawn = _draw_organs(canvas, rng, size, height, changes, fine, loops)
     del fine, coarse, loops
 
     info: dict[str, Any] = {}
@@ -416,7 +515,7 @@ def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
     labels = canvas.labels if grid is None else upsample_labels(canvas.labels, grid)
     del canvas
 
-    absent, cut = _bookkeeping(labels, removed, scenarios, config.min_voxels)
+    absent, cut, small = _bookkeeping(labels, changes, scenarios, config.min_voxels)
     sz, sy, sx = spacing
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = [(shape[2] - 1) / 2 * sx, (shape[1] - 1) / 2 * sy, -(shape[0] - 1) / 2 * sz + z_offset]
@@ -424,11 +523,12 @@ def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
         "size_factor": round(size, 4),
         "subcutaneous_fat_mm": round(fat_mm, 2),
         "fov_shift_mm": round(z_offset, 2),
+        **drawn,
         **info,
     }
     if config.mixed_spacing:
         info.update(shape=list(shape), spacing_mm=list(spacing))
-    return Phantom(image, labels, affine, scenarios, absent, cut, info)
+    return Phantom(image, labels, affine, scenarios, absent, cut, info, small)
 
 
 def case_geometry(
@@ -474,7 +574,10 @@ def _render_mr(
     return to_arbitrary_units(image, rng)
 
 
-def _bookkeeping(labels: np.ndarray, removed: dict[str, str], scenarios: list[str], min_voxels: int):
+def _bookkeeping(
+    labels: np.ndarray, changes: _Changes, scenarios: list[str], min_voxels: int
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """The record's absent, cut and small organs (each {organ: reason}); erases organs under `min_voxels`."""
     counts = np.bincount(labels.ravel(), minlength=len(anatomy.ORGANS) + 1)
     top = np.bincount(labels[-1].ravel(), minlength=counts.size)
     bottom = np.bincount(labels[0].ravel(), minlength=counts.size)
@@ -486,16 +589,21 @@ def _bookkeeping(labels: np.ndarray, removed: dict[str, str], scenarios: list[st
         fov_reason = "outside the field of view"
     absent: dict[str, str] = {}
     cut: dict[str, str] = {}
+    small: dict[str, str] = {}
     for o in anatomy.ORGANS:
-        if o.name in removed:
-            absent[o.name] = removed[o.name]
-        elif counts[o.id] < min_voxels:
+        if o.name in changes.absent:
+            absent[o.name] = changes.absent[o.name]
+            continue
+        if counts[o.id] < min_voxels:
             absent[o.name] = fov_reason
             if counts[o.id]:
                 labels[labels == o.id] = 0  # a sliver below min_voxels is recorded absent, so it is erased
-        elif top[o.id] or bottom[o.id]:
+            continue
+        if o.name in changes.small:
+            small[o.name] = changes.small[o.name]
+        if top[o.id] or bottom[o.id]:
             cut[o.name] = "cut by the field of view at the " + ("top" if top[o.id] else "bottom")
-    return absent, cut
+    return absent, cut, small
 
 
 def _draw_body(
@@ -635,10 +743,47 @@ def _draw_spine_and_ribs(canvas: _Canvas, size: float, height: float, fine, cavi
     canvas.hu[ribs] = np.where(sin_theta[ribs] < -0.85, 160.0, 560.0)  # cartilage in front, bone elsewhere
 
 
-def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict[str, str], fine) -> None:
+def _draw_clip(canvas: _Canvas, point, allowed: np.ndarray) -> bool:
+    """Paint a metal surgical clip (about 5 mm) at `point` (z, y, x mm); whether any of it is in view.
+
+    At least the voxel nearest to the point is painted, so a clip shows at every voxel size.
+    """
+    radius = 2.5
+    box, q = canvas.ellipsoid(point, (radius, radius, radius))
+    inside = allowed[box]
+    if not inside.any():
+        return False
+    nearest = (0.5 * float(np.linalg.norm(canvas.spacing)) / radius) ** 2  # half a voxel diagonal away at most
+    mask = inside & (q <= max(1.0, min(float(q[inside].min()), nearest)))
+    canvas.paint(box, mask, CLIP_HU)
+    return bool(mask.any())
+
+
+def _fill_with_bowel(canvas: _Canvas, box, mask: np.ndarray, fine: np.ndarray, loops: np.ndarray) -> bool:
+    """Paint bowel loops where `mask` (over `box`) holds; whether any voxel was painted.
+
+    Walls and fluid alternate along the level sets of `loops`, with a little gas and mesenteric fat in
+    between, so an emptied organ bed looks like displaced bowel, not a fat-density hole.
+    """
+    texture = fine[box]
+    hu = np.where(np.mod(2.5 * loops[box], 1.0) < 0.45, 42.0, 15.0) + 6.0 * texture
+    hu = np.where(texture < -1.0, -95.0, np.where(texture > 1.8, -850.0, hu)).astype(np.float32)
+    canvas.paint(box, mask, hu)
+    return bool(mask.any())
+
+
+def _draw_organs(
+    canvas: _Canvas, rng, size: float, height: float, changes: _Changes, fine, loops
+) -> dict[str, list[str]]:
+    """Paint the 13 organs, the vessels and what the scenarios leave; the record's ``clips`` and ``displaced_bowel``.
+
+    Every random draw happens whatever the scenarios, so they change only the organs they touch.
+    """
     s, h = size, height
     z, y, _x = canvas.z, canvas.y, canvas.x
     allowed = canvas.abdomen & ~canvas.forbidden
+    clip_sites: list[tuple[str, np.ndarray]] = []  # painted last: metal lies on top of everything
+    bowel_beds: list[str] = []
 
     def jitter(point, amount: float = 6.0):
         return np.asarray(point, dtype=np.float32) + rng.normal(0.0, amount, 3).astype(np.float32)
@@ -647,21 +792,30 @@ def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict
         return float(np.clip(rng.normal(1.0, base), 0.8, 1.2))
 
     def draw(name: str) -> bool:
-        return name not in removed
+        return name not in changes.absent
 
-    # Liver: right lobe + left lobe, under the right dome; hepatic veins bright inside it.
+    # Liver: right lobe + left lobe, under the right dome; hepatic veins bright inside it. A partial
+    # hepatectomy removes all beyond a sagittal plane (the left lobe) and bowel may move into its bed.
     k = scale()
     right_lobe = jitter((48.0 * h, 5.0 * s, -58.0 * s))
-    box, q = canvas.ellipsoid(right_lobe, np.array([76.0 * h, 86.0 * s, 84.0 * s]) * k, _rotation("y", -12.0))
+    right_semi = np.array([76.0 * h, 86.0 * s, 84.0 * s]) * k
+    box, q = canvas.ellipsoid(right_lobe, right_semi, _rotation("y", -12.0))
     liver_mask = np.zeros(canvas.shape, dtype=bool)
-    if box is not None:
-        liver_mask[box] |= q <= 1.0
+    liver_mask[box] |= q <= 1.0
     box, q = canvas.ellipsoid(
         jitter((72.0 * h, -42.0 * s, 10.0 * s)), np.array([34.0 * h, 36.0 * s, 62.0 * s]) * k, _rotation("z", 12.0)
     )
-    if box is not None:
-        liver_mask[box] |= q <= 1.0
+    liver_mask[box] |= q <= 1.0
     liver_mask &= allowed & (z < canvas.diaphragm - 2.0)
+    resection = changes.resection.get("liver")
+    if resection is not None:
+        margin = right_lobe + np.array([0.0, 0.0, resection * right_semi[2]], dtype=np.float32)
+        bed = liver_mask & (canvas.x >= margin[2])
+        liver_mask &= ~bed
+        if "liver" in changes.bowel_bed and _fill_with_bowel(canvas, (slice(None),) * 3, bed, fine, loops):
+            bowel_beds.append("liver")
+        if "liver" in changes.clips:
+            clip_sites.append(("liver", margin))
     canvas.hu[liver_mask] = 60.0 + 5.0 * fine[liver_mask]
     canvas.labels[liver_mask] = _ID["liver"]
     hepatic = canvas.labels == _ID["liver"]
@@ -671,14 +825,17 @@ def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict
             canvas.paint(box, m <= 1.0, 150.0, allowed=hepatic)
 
     # Spleen: posterior left, long axis along the ribs.
+    k = scale() * changes.volume.get("spleen", 1.0) ** (1.0 / 3.0)
+    spleen_centre = jitter((50.0 * h, 46.0 * s, 80.0 * s))
     if draw("spleen"):
-        k = scale()
-        box, q = canvas.ellipsoid(
-            jitter((50.0 * h, 46.0 * s, 80.0 * s)), np.array([56.0 * h, 52.0 * s, 26.0 * s]) * k, _rotation("z", 40.0)
-        )
+        box, q = canvas.ellipsoid(spleen_centre, np.array([56.0 * h, 52.0 * s, 26.0 * s]) * k, _rotation("z", 40.0))
         canvas.paint(box, q <= 1.0, 50.0 + 4.0 * fine[box], _ID["spleen"], allowed & (z < canvas.diaphragm - 2.0))
+    elif "spleen" in changes.clips:  # on the splenic vessels' stump, beyond the ligated vein
+        clip_sites.append(("spleen", np.array([28.0 * h, 14.0 * s, 37.0 * s], dtype=np.float32)))
 
-    # Esophagus: down the mediastinum to the gastro-oesophageal junction.
+    # Esophagus: a collapsed muscular tube in periesophageal fat down the posterior mediastinum to the
+    # gastro-oesophageal junction; in some patients a thin air lumen (contrast CT: median 10-80 HU).
+    lumen = float(rng.uniform(0.12, 0.25)) * float(rng.random() < 0.4)  # both drawn: the stream stays aligned
     box, m, _ = canvas.tube(
         [
             (320.0, 28.0 * s, 5.0),
@@ -688,8 +845,10 @@ def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict
         ],
         [9.0, 9.0, 9.0, 9.0],
     )
-    if box is not None:
-        canvas.paint(box, m <= 1.0, np.where(m < 0.3, -700.0, 45.0).astype(np.float32), _ID["esophagus"], canvas.cavity)
+    if box is not None:  # a 7 mm fat sleeve: bare lung around it would pull its blurred HU to about -80
+        canvas.paint(box, m <= 16.0 / 9.0, -70.0 + 10.0 * fine[box], allowed=canvas.cavity & (canvas.labels == 0))
+        wall = np.where(m < lumen, -800.0, 50.0 + 4.0 * fine[box]).astype(np.float32)
+        canvas.paint(box, m <= 1.0, wall, _ID["esophagus"], canvas.cavity)
 
     # Stomach: fundus under the left dome, body, antrum crossing to the pylorus; wall, fluid, gas on top.
     k = scale()
@@ -729,22 +888,37 @@ def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict
         canvas.paint(box, m <= 1.0, lobules, _ID["pancreas"], allowed)
 
     # Kidneys: cortex brighter than medulla, sinus fat at the hilum; upper poles medial and posterior.
+    # An empty bed mostly fills with bowel; a partial nephrectomy cuts a pole off by a plane.
     for name, side, zc in (("right_kidney", -1.0, -22.0), ("left_kidney", 1.0, -6.0)):
-        if not draw(name):
-            continue
-        k = scale(0.08)
+        k = scale(0.08) * changes.volume.get(name, 1.0) ** (1.0 / 3.0)
         center = jitter((zc * h, 56.0 * s, side * 66.0 * s), 5.0)
         rotation = _rotation("z", side * 30.0) @ _rotation("y", side * 14.0)
-        box, q = canvas.ellipsoid(center, np.array([55.0 * h, 23.0 * s, 28.0 * s]) * k, rotation)
-        if box is None:
+        semi = np.array([55.0 * h, 23.0 * s, 28.0 * s]) * k
+        hilum = center + np.array([0.0, -8.0 * s, -side * 26.0 * s], dtype=np.float32)
+        if not draw(name):
+            if name in changes.bowel_bed:
+                box, q = canvas.ellipsoid(center, semi * 1.15, rotation)
+                if _fill_with_bowel(canvas, box, (q <= 1.0) & allowed[box] & (canvas.labels[box] == 0), fine, loops):
+                    bowel_beds.append(name)
+            if name in changes.clips:  # on the renal artery and vein stumps
+                stumps = ((4.0, 0.0, -side * 6.0), (-4.0, 3.0, -side * 9.0))
+                clip_sites += [(name, hilum + np.array(offset, dtype=np.float32)) for offset in stumps]
             continue
+        box, q = canvas.ellipsoid(center, semi, rotation)
+        kidney = q <= 1.0
+        plane = changes.resection.get(name)
+        if plane is not None:
+            offset = [c - p for c, p in zip(canvas.coords(box), center, strict=True)]
+            along = sum(float(r) * d for r, d in zip(rotation[0], offset, strict=True)) / semi[0]  # long axis
+            kidney &= math.copysign(1.0, plane) * along <= abs(plane)
+            if name in changes.clips:
+                clip_sites.append((name, center + (plane * semi[0] * rotation[0]).astype(np.float32)))
         tissue = np.where(q > 0.5, 175.0, 85.0).astype(np.float32) + 4.0 * fine[box]
         sinus_box, sinus_q = canvas.ellipsoid(
             center + np.array([0.0, -6.0 * s, -side * 16.0 * s]), (22.0 * h, 9.0 * s, 10.0 * s)
         )
-        canvas.paint(box, q <= 1.0, tissue, _ID[name], allowed)
+        canvas.paint(box, kidney, tissue, _ID[name], allowed)
         canvas.paint(sinus_box, sinus_q <= 1.0, -60.0, allowed=canvas.labels == _ID[name])
-        hilum = center + np.array([0.0, -8.0 * s, -side * 26.0 * s])
         box, m, _ = canvas.tube(
             [hilum, (-6.0 * h, 10.0 * s, (-24.0 if side < 0 else 4.0) * s), (-6.0 * h, 14.0 * s, -24.0 * s)],
             [5.0, 5.0, 5.0],
@@ -756,24 +930,23 @@ def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict
         ("right_adrenal", (48.0 * h, 42.0 * s, -36.0 * s)),
         ("left_adrenal", (50.0 * h, 34.0 * s, 34.0 * s)),
     ):
+        c = jitter(center, 3.0)
         if not draw(name):
             continue
-        c = jitter(center, 3.0)
         for tilt in (-28.0, 28.0):
             box, q = canvas.ellipsoid(
                 c + np.array([-8.0, 0.0, 0.0]), (18.0 * h, 13.0 * s, 4.5 * s), _rotation("y", tilt)
             )
             canvas.paint(box, q <= 1.0, 40.0, _ID[name], allowed)
 
-    # Gallbladder: pear under the liver, bile near water; a surgical clip stays after cholecystectomy.
+    # Gallbladder: pear under the liver, bile near water; after cholecystectomy a clip may stay on the cystic duct.
     gb_center = jitter((2.0 * h, -42.0 * s, -52.0 * s), 5.0)
+    k = scale(0.15)
     if draw("gallbladder"):
-        k = scale(0.15)
         box, q = canvas.ellipsoid(gb_center, np.array([36.0 * h, 17.0 * s, 17.0 * s]) * k, _rotation("x", 35.0))
         canvas.paint(box, q <= 1.0, np.where(q > 0.7, 38.0, 10.0 + 3.0 * fine[box]), _ID["gallbladder"], allowed)
-    else:
-        box, q = canvas.ellipsoid(gb_center + np.array([30.0, 10.0, 5.0]), (3.0, 3.0, 3.0))
-        canvas.paint(box, q <= 1.0, 2500.0, allowed=allowed)
+    elif "gallbladder" in changes.clips:
+        clip_sites.append(("gallbladder", gb_center + np.array([30.0, 10.0, 5.0], dtype=np.float32)))
 
     # Vessels last: aorta, IVC (through the liver), portal and splenic vein, and unlabelled branches.
     box, m, _ = canvas.tube(
@@ -841,6 +1014,8 @@ def _draw_organs(canvas: _Canvas, rng, size: float, height: float, removed: dict
         splenic = splenic[:2]  # ligated at splenectomy
     box, m, _ = canvas.tube(splenic, [5.0] * len(splenic))
     canvas.paint(box, m <= 1.0, 175.0, _ID["portal_splenic_vein"], allowed)
+    clipped = [organ for organ, point in clip_sites if _draw_clip(canvas, point, allowed)]
+    return {"clips": sorted(set(clipped)), "displaced_bowel": bowel_beds}
 
 
 def write_phantom_dataset(
@@ -856,9 +1031,9 @@ def write_phantom_dataset(
     """Generate `n` phantoms into a dataset folder (docs/dataset_format.md) and return its path.
 
     Writes ``imagesTr/phantom_XXX_0000.nii.gz``, ``labelsTr/phantom_XXX.nii.gz`` and ``dataset.json``
-    with ``labels`` from `mednets.anatomy`, the generator settings and, per case, the scenarios, the
-    absent organs with their reasons, the organs cut by the field of view and (mixed spacing) the
-    case's shape and spacing. Same arguments, same bytes, whatever the number of workers.
+    with ``labels`` from `mednets.anatomy`, the generator settings and, per case (`Phantom.record`), the
+    scenarios, the absent and the small present organs with their reasons, the organs cut by the field
+    of view, clips and displaced bowel, and (mixed spacing) the case's shape and spacing. Same arguments, same bytes, whatever the number of workers.
 
     Args:
         workers: cases drawn at once in worker processes (at most `n`); 1 draws them in this process.
