@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mednets.data.phantom_thorax import ThoraxConfig
+from mednets.data.phantoms import PhantomConfig, write_phantom_dataset
 from mednets.engine.api import predict_paths
 from mednets.engine.evaluation import evaluate_folders
 from mednets.engine.inference import load_run
@@ -39,9 +39,8 @@ from mednets.metrics import expected_calibration_error
 def _held_out(args: argparse.Namespace) -> Path:
     data = Path(args.data) if args.data else Path(args.out) / f"{args.kind}_seed{args.seed}_n{args.n}"
     if not (data / "dataset.json").is_file():
-        subprocess.run([sys.executable, "-m", "mednets", "phantoms", "--out", str(data), "--n", str(args.n),
-                        "--seed", str(args.seed), *(["--kind", args.kind] if args.kind != "abdomen" else [])],
-                       check=True)  # fmt: skip
+        config = ThoraxConfig() if args.kind == "thorax" else PhantomConfig()
+        write_phantom_dataset(data, args.n, args.seed, config, workers=2, progress=True)
     return data
 
 
@@ -110,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="name=run folder (repeatable)")
     parser.add_argument("--data", help="held-out dataset folder (default: phantoms drawn into --out)")
-    parser.add_argument("--kind", default="abdomen", help="phantom kind of the default held-out set")
+    parser.add_argument("--kind", default="abdomen", choices=["abdomen", "thorax"], help="default held-out set's kind")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--bootstrap", type=int, default=2000)

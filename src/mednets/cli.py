@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mednets.cli_inference import AsJson, Checkpoint, Device, Quiet, denoise_command, predict_command
+from mednets.cli_inference import AsJson, Checkpoint, Device, Quiet, calibrate_command, denoise_command, predict_command
 from mednets.cli_options import join_multi_value_options, parse_numbers, readable_metavars
 from mednets.errors import ConfigError, MednetsError, UnknownNameError
 
@@ -182,26 +182,20 @@ def phantoms_command(
         spacing_mm = values * 3 if len(values) == 1 else values
     if kind not in ("abdomen", "thorax"):
         raise UnknownNameError("unknown phantom kind", source="--kind", expected="abdomen, thorax", got=kind)
-    if kind == "thorax":  # mednets.data.phantom_thorax: its own scenarios, CT at one spacing, drawn in one process
+    if kind == "thorax":  # mednets.data.phantom_thorax: its own structures and scenarios, CT at one spacing
         from mednets.data import phantom_thorax
 
-        if mixed_spacing or modality.lower() != "ct" or (workers or 1) > 1:
-            raise ConfigError("thorax phantoms take no --mixed-spacing, --modality mr or --workers", source="--kind")
-        rates = phantom_thorax.parse_absence_rates(absence_rate)
-        thorax = phantom_thorax.ThoraxConfig(parse_numbers(shape, "--shape", counts=(3,)), spacing_mm, rates)
-        root = phantom_thorax.write_thorax_dataset(out, n, seed, thorax, overwrite=overwrite, progress=True)
-        console.print(f"wrote {n} thorax phantoms to {root}")
-        return
-    config = PhantomConfig(
-        shape=parse_numbers(shape, "--shape", counts=(3,)),
-        spacing=spacing_mm,
-        absence_rates=parse_absence_rates(absence_rate),
-        mixed_spacing=mixed_spacing,
-        modality=modality.lower(),
-    )
+        if mixed_spacing or modality.lower() != "ct":
+            raise ConfigError("thorax phantoms take no --mixed-spacing or --modality mr", source="--kind")
+        rates = parse_absence_rates(absence_rate, phantom_thorax.DEFAULT_ABSENCE_RATES)
+        config = phantom_thorax.ThoraxConfig(parse_numbers(shape, "--shape", counts=(3,)), spacing_mm, rates)
+    else:
+        config = PhantomConfig(shape=parse_numbers(shape, "--shape", counts=(3,)), spacing=spacing_mm,
+                               absence_rates=parse_absence_rates(absence_rate), mixed_spacing=mixed_spacing,
+                               modality=modality.lower())  # fmt: skip
     workers = default_workers(n, config) if workers is None else workers
     root = write_phantom_dataset(out, n, seed, config, overwrite=overwrite, workers=workers, progress=True)
-    console.print(f"wrote {n} phantoms to {root}")
+    console.print(f"wrote {n} {kind} phantoms to {root}")
 
 
 @app.command("validate")
@@ -362,6 +356,7 @@ def evaluate_command(
 
 app.command("predict")(predict_command)
 app.command("denoise")(denoise_command)
+app.command("calibrate")(calibrate_command)
 
 
 @app.command("dataset-from-image")

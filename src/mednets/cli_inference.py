@@ -225,3 +225,20 @@ def denoise_command(
                            keep_mean_colour=keep_mean_colour, strength=chosen_strength,
                            noise_sigma=noise_sigma, stain_normalise=stain_normalise)  # fmt: skip
     report_batch(result, quiet=quiet, as_json=as_json)
+
+
+def calibrate_command(
+    run: Annotated[Path, typer.Option("--run", help="Run folder made by `mednets train`.")],
+    device: Device = "auto",
+) -> None:
+    """Fit a run's presence calibration again on its validation cases (`calibration.json`; training does it at its end)."""
+    from mednets.engine.calibration import recalibrate
+
+    calibration = recalibrate(run, device=device, progress=True)
+    console = Console(soft_wrap=True)
+    if calibration is None:
+        console.print("nothing to calibrate: the model has no presence logits (or its cases have several channels)")
+        return
+    fitted = calibration.fitted_on
+    console.print(f"calibrated on {fitted['validation_cases']} validation cases: threshold {calibration.threshold}, "
+                  f"volume floor {calibration.volume_floor_fraction}, ECE {fitted['ece_before']} -> {fitted['ece_after']}")  # fmt: skip

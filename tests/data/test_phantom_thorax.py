@@ -11,14 +11,13 @@ import pytest
 from mednets.cli import main
 from mednets.data.dataset import DEFAULT_MIN_VOXELS, load_dataset
 from mednets.data.phantom_thorax import (
+    DEFAULT_ABSENCE_RATES,
     SCENARIOS,
     STRUCTURES,
     ThoraxConfig,
     generate_thorax_phantom,
-    parse_absence_rates,
-    write_thorax_dataset,
 )
-from mednets.data.phantoms import Phantom
+from mednets.data.phantoms import Phantom, parse_absence_rates, write_phantom_dataset
 from mednets.errors import ConfigError, UnknownNameError
 
 SHAPE = (48, 48, 48)  # 8.75 x 7.5 x 7.5 mm: every vertebra keeps its min_voxels
@@ -142,24 +141,24 @@ def test_abdomen_only_field_of_view_loses_or_cuts_the_chest() -> None:
 
 
 def test_record_and_labels_agree_at_any_mix_of_scenarios() -> None:
-    config = ThoraxConfig(shape=(32, 40, 40), absence_rates=parse_absence_rates(0.5))
+    config = ThoraxConfig(shape=(32, 40, 40), absence_rates=parse_absence_rates(0.5, DEFAULT_ABSENCE_RATES))
     for index in range(6):
         _assert_record_agrees_with_labels(generate_thorax_phantom(8, config, case_index=index))
 
 
 def test_bad_absence_rates_are_refused() -> None:
-    assert parse_absence_rates("left_lobectomy=0.5")["left_lobectomy"] == 0.5
+    assert parse_absence_rates("left_lobectomy=0.5", DEFAULT_ABSENCE_RATES)["left_lobectomy"] == 0.5
     with pytest.raises(UnknownNameError, match="left_pneumonectomy"):
-        ThoraxConfig(absence_rates=parse_absence_rates("splenectomy=0.5"))
+        parse_absence_rates("splenectomy=0.5", DEFAULT_ABSENCE_RATES)
     with pytest.raises(ConfigError):
-        parse_absence_rates("thorax_only")
+        parse_absence_rates("thorax_only", DEFAULT_ABSENCE_RATES)
     with pytest.raises(ConfigError):
         ThoraxConfig(absence_rates={"thorax_only": 2.0})
 
 
 def test_written_dataset_loads_and_its_presence_matches_the_record(tmp_path: Path) -> None:
-    config = ThoraxConfig(shape=(24, 32, 32), absence_rates=parse_absence_rates(0.4))
-    root = write_thorax_dataset(tmp_path / "thorax", 3, seed=9, config=config)
+    config = ThoraxConfig(shape=(24, 32, 32), absence_rates=parse_absence_rates(0.4, DEFAULT_ABSENCE_RATES))
+    root = write_phantom_dataset(tmp_path / "thorax", 3, seed=9, config=config, workers=2)
     dataset = load_dataset(root)
     assert dataset.structures == list(STRUCTURES) and dataset.channel_names == ["CT"]
     cases = json.loads((root / "dataset.json").read_text())["cases"]
@@ -168,7 +167,7 @@ def test_written_dataset_loads_and_its_presence_matches_the_record(tmp_path: Pat
         assert set(record) >= {"scenarios", "absent", "cut", "small"}
         assert dataset.presence(case.case_id) == {name: name not in record["absent"] for name in STRUCTURES}
     with pytest.raises(ConfigError):
-        write_thorax_dataset(root, 1, config=config)
+        write_phantom_dataset(root, 1, config=config)
 
 
 def test_phantoms_command_draws_thorax_phantoms(tmp_path: Path) -> None:

@@ -45,3 +45,14 @@ def test_the_sidecar_carries_the_calibrated_probabilities(presence_run: Path) ->
         if entry["probability"] < run.task.calibration.threshold:
             assert not entry["present"] and entry["voxels"] == 0
     assert run.inference.min_volume_fraction == run.task.calibration.volume_floor_fraction
+
+
+def test_calibrate_fits_the_same_calibration_again_from_the_run_alone(presence_run: Path) -> None:
+    from mednets.cli import main
+
+    first = json.loads((presence_run / "calibration.json").read_text())
+    (presence_run / "calibration.json").unlink()
+    assert main(["calibrate", "--run", str(presence_run)]) == 0
+    again = json.loads((presence_run / "calibration.json").read_text())
+    assert again["fitted_on"] == first["fitted_on"]
+    assert again["temperatures"] == pytest.approx(first["temperatures"], rel=1e-6)

@@ -2,7 +2,7 @@
 
 Unlike the abdominal phantom (`mednets.data.phantoms`) in structures (two large lungs, eight small repeated
 vertebrae), voxel size and scenarios, it shows whether a model configuration is tuned to the abdominal one.
-Same conventions (and its `_Canvas`): implicit shapes on deformed patient coordinates in mm, LPS+ (z = 0 at
+Same conventions (and its `Canvas`): implicit shapes on deformed patient coordinates in mm, LPS+ (z = 0 at
 the T12/L1 disc); array ``[D, H, W] = [z, y, x]``, RAS affine ``diag(-sx, -sy, sz)``; partial-volume blur,
 correlated noise, int16 HU. Default field of view 420 mm (z) by 360 mm (6.56 x 5.63 x 5.63 mm voxels at
 64³), sacrum to carina. HU (venous phase): lung -860 with vessels, fat -100, muscle 50, myocardium 70 around
@@ -18,23 +18,17 @@ under `min_voxels` voxels are erased from the labels and recorded absent: `Phant
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from mednets.atomic import atomic_write_text
 from mednets.data.dataset import DEFAULT_MIN_VOXELS
-from mednets.data.phantoms import Phantom, _Canvas, _rotation, _smooth_noise
-from mednets.errors import ConfigError, UnknownNameError
+from mednets.data.phantoms import Canvas, Phantom, check_rates, rotation, smooth_noise
+from mednets.errors import ConfigError
 
-__all__ = ["DEFAULT_ABSENCE_RATES", "SCENARIOS", "STRUCTURES", "VERTEBRAE", "ThoraxConfig", "generate_thorax_phantom",
-           "parse_absence_rates", "write_thorax_dataset"]  # fmt: skip
+__all__ = ["DEFAULT_ABSENCE_RATES", "SCENARIOS", "STRUCTURES", "VERTEBRAE", "ThoraxConfig", "generate_thorax_phantom"]
 
 VERTEBRAE = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5")
 # Label ids are positions in this tuple, from 1.
@@ -85,13 +79,7 @@ class ThoraxConfig:
             raise ConfigError("phantom shape must be 3 sizes of at least 8", source="shape", got=self.shape)
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise ConfigError("spacing must be 3 positive sizes in mm", source="spacing", got=self.spacing)
-        for name, rate in self.absence_rates.items():
-            if name not in SCENARIOS:
-                raise UnknownNameError(
-                    "unknown absence scenario", source="absence_rates", expected=", ".join(SCENARIOS), got=name
-                )
-            if not 0.0 <= float(rate) <= 1.0:
-                raise ConfigError("absence rate must be in [0, 1]", source=f"absence_rates.{name}", got=rate)
+        check_rates(self.absence_rates, SCENARIOS)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -99,30 +87,18 @@ class ThoraxConfig:
             return tuple(float(s) for s in self.spacing)  # type: ignore[return-value]
         return tuple(fov / n for fov, n in zip(DEFAULT_FOV_MM, self.shape, strict=True))  # type: ignore[return-value]
 
+    def generate(self, seed: int, case_index: int) -> Phantom:
+        """Case `case_index` of the dataset drawn with `seed` (`generate_thorax_phantom`)."""
+        return generate_thorax_phantom(seed, self, case_index=case_index)
 
-def parse_absence_rates(text: str | float | dict[str, float] | None) -> dict[str, float]:
-    """Absence rates from a number (every scenario), ``"name=rate,name=rate"`` (others keep defaults) or a dict.
-
-    Raises:
-        ConfigError: not a number nor name=rate pairs, or a rate that is not a number.
-    """
-    if text is None or isinstance(text, dict):
-        given = dict(text or {})
-    else:
-        try:
-            return dict.fromkeys(SCENARIOS, float(text))
-        except ValueError:
-            items = [item.partition("=") for item in str(text).split(",")]
-        if not all(sep for _, sep, _ in items):
-            raise ConfigError("absence rates are a number or name=rate pairs", source="--absence-rate", got=text)
-        given = {name.strip(): value for name, _, value in items}
-    rates = dict(DEFAULT_ABSENCE_RATES)
-    for name, value in given.items():  # names are checked by `ThoraxConfig`
-        try:
-            rates[name] = float(value)
-        except ValueError as error:
-            raise ConfigError("absence rate must be a number", source=f"--absence-rate {name}", got=value) from error
-    return rates
+    def dataset_info(self, seed: int) -> dict[str, Any]:
+        """dataset.json's description of these phantoms (`phantoms.write_phantom_dataset` writes them)."""
+        generator = {"kind": "thorax", "seed": int(seed), "shape": list(self.shape),
+                     "spacing_mm": [round(v, 6) for v in self.spacing_mm], "noise_hu": self.noise_hu,
+                     "absence_rates": {k: self.absence_rates.get(k, 0.0) for k in SCENARIOS}}  # fmt: skip
+        return {"name": "mednets_thorax_phantoms", "channel_names": {"0": "CT"}, "labels": {"background": 0, **_ID},
+                "description": "Synthetic contrast-enhanced thoraco-lumbar CT (mednets.data.phantom_thorax), HU, LPS",
+                "generator": generator}  # fmt: skip
 
 
 @dataclass
@@ -215,16 +191,16 @@ def generate_thorax_phantom(seed: int, config: ThoraxConfig | None = None, *, ca
     scenarios, plan = _plan(np.random.default_rng([seed, case_index, 3]), config.absence_rates, shape[0] * spacing[0])
     rng = np.random.default_rng([seed, case_index])
     z_offset = _FOV_CENTRE_MM + float(rng.uniform(-12.0, 12.0)) + plan.fov_shift_mm
-    canvas = _Canvas(shape, spacing, z_offset, rng)  # type: ignore[arg-type]
+    canvas = Canvas(shape, spacing, z_offset, rng)  # type: ignore[arg-type]
     size, height, fat_mm = float(rng.uniform(0.9, 1.06)), float(rng.uniform(0.95, 1.05)), float(rng.uniform(6, 25))
-    fine, blobs = _smooth_noise(rng, shape, 1.0), _smooth_noise(rng, shape, 2.0)  # texture, bowel loops
+    fine, blobs = smooth_noise(rng, shape, 1.0), smooth_noise(rng, shape, 2.0)  # texture, bowel loops
     cavity, wall, diaphragm = _draw_body(canvas, size, height, fat_mm, fine, plan)
     forbidden, spine_y = _draw_spine(canvas, size, height, fine, cavity, wall, plan)
     _draw_abdomen(canvas, size, height, fine, blobs, cavity & (canvas.z < diaphragm) & ~forbidden, plan)
     _draw_chest(canvas, rng, size, height, fine, cavity, diaphragm, forbidden, spine_y, plan)
 
     image = ndimage.gaussian_filter(canvas.hu, 0.6)  # partial volume, then correlated noise
-    image += np.float32(config.noise_hu) * _smooth_noise(rng, shape, 0.5)
+    image += np.float32(config.noise_hu) * smooth_noise(rng, shape, 0.5)
     image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
     labels = canvas.labels
     fov = next((SCENARIOS[s] for s in ("thorax_only", "abdomen_only") if s in scenarios), "outside the field of view")
@@ -257,7 +233,7 @@ def _bookkeeping(labels: np.ndarray, removed: dict[str, str], fov: str, min_voxe
     return absent, cut
 
 
-def _draw_body(canvas: _Canvas, size: float, height: float, fat_mm: float, fine: np.ndarray, plan: _Plan):
+def _draw_body(canvas: Canvas, size: float, height: float, fat_mm: float, fine: np.ndarray, plan: _Plan):
     """Skin, fat and muscle wall; returns the body cavity, the muscle wall and the diaphragm's height (mm)."""
     z, y, x = canvas.z, canvas.y, canvas.x
     s, h = size, height
@@ -282,7 +258,7 @@ def _draw_body(canvas: _Canvas, size: float, height: float, fat_mm: float, fine:
     return cavity, wall, diaphragm
 
 
-def _draw_spine(canvas: _Canvas, size: float, height: float, fine, cavity, wall, plan: _Plan):
+def _draw_spine(canvas: Canvas, size: float, height: float, fine, cavity, wall, plan: _Plan):
     """Vertebrae (labelled T10-L5), discs, sacrum, ribs, sternum and back muscles; returns (forbidden, spine y)."""
     z, y, x = canvas.z, canvas.y, canvas.x
     s, h = size, height
@@ -337,7 +313,7 @@ def _draw_spine(canvas: _Canvas, size: float, height: float, fine, cavity, wall,
     return forbidden, spine_y
 
 
-def _draw_abdomen(canvas: _Canvas, size: float, height: float, fine, blobs, allowed, plan: _Plan) -> None:
+def _draw_abdomen(canvas: Canvas, size: float, height: float, fine, blobs, allowed, plan: _Plan) -> None:
     """Unlabelled abdominal and pelvic background: fat, liver, spleen, stomach, kidneys, bowel, bladder, hips."""
     z, y = canvas.z, canvas.y
     s, h = size, height
@@ -365,13 +341,13 @@ def _draw_abdomen(canvas: _Canvas, size: float, height: float, fine, blobs, allo
         canvas.paint(box, q <= 1.0, 380.0)  # femoral head
 
 
-def _tube(canvas: _Canvas, points, radii, hu, label: int | None, allowed: np.ndarray) -> None:
+def _tube(canvas: Canvas, points, radii, hu, label: int | None, allowed: np.ndarray) -> None:
     """Paint a tube along `points` (mm) with radii (mm); `hu` a number or a function of (m, box)."""
     box, m, _ = canvas.tube(points, radii)
     canvas.paint(box, m <= 1.0, hu(m, box) if callable(hu) else hu, label, allowed)
 
 
-def _draw_chest(canvas: _Canvas, rng, size, height, fine, cavity, diaphragm, forbidden, spine_y, plan: _Plan) -> None:
+def _draw_chest(canvas: Canvas, rng, size, height, fine, cavity, diaphragm, forbidden, spine_y, plan: _Plan) -> None:
     """Lungs, mediastinum, heart, great vessels, airways, oesophagus and the scenarios' surgical changes."""
     z, y, x = canvas.z, canvas.y, canvas.x
     s, h, shift = size, height, plan.shift_mm
@@ -404,7 +380,7 @@ def _draw_chest(canvas: _Canvas, rng, size, height, fine, cavity, diaphragm, for
           0, free)  # inferior vena cava  # fmt: skip
     box, q = canvas.ellipsoid((110.0 * h, -30.0 * s, 18.0 * s + shift),
                               np.array([52.0 * h, 44.0 * s, 58.0 * s]) * heart_scale,
-                              _rotation("z", -25.0) @ _rotation("y", 20.0))  # fmt: skip
+                              rotation("z", -25.0) @ rotation("y", 20.0))  # fmt: skip
     heart = np.where(q > 0.72, 70.0, 150.0).astype(np.float32) + 5.0 * fine[box]
     canvas.paint(box, q <= 1.0, heart, _ID["heart"], thorax)
     aorta = [(140.0 * h, -30.0 * s, 5.0 * s + shift), (205.0 * h, -28.0 * s, shift), (245.0 * h, -5.0 * s, 5.0 * s + shift),
@@ -420,7 +396,7 @@ def _draw_chest(canvas: _Canvas, rng, size, height, fine, cavity, diaphragm, for
     _draw_airways(canvas, s, h, plan, open_)
 
 
-def _draw_airways(canvas: _Canvas, s: float, h: float, plan: _Plan, allowed: np.ndarray) -> None:
+def _draw_airways(canvas: Canvas, s: float, h: float, plan: _Plan, allowed: np.ndarray) -> None:
     """Trachea and main bronchi (one label), bronchial stumps and staple lines of the surgical scenarios."""
     shift = plan.shift_mm
     carina = np.array([195.0 * h, 8.0 * s, 0.6 * shift])
@@ -446,53 +422,3 @@ def _draw_airways(canvas: _Canvas, s: float, h: float, plan: _Plan, allowed: np.
             _tube(canvas, [stump - across, stump + across], [staple_r] * 2, _STAPLE_HU, 0, allowed)
             line = [(140.0 * h, -10.0 * s, side * 70.0 * s + shift), (170.0 * h, 30.0 * s, side * 85.0 * s + shift)]
             _tube(canvas, line, [staple_r] * 2, _STAPLE_HU, 0, allowed)
-
-
-def write_thorax_dataset(
-    out: str | os.PathLike[str],
-    n: int,
-    seed: int = 0,
-    config: ThoraxConfig | None = None,
-    *,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> Path:
-    """Generate `n` thorax phantoms into a dataset folder (docs/dataset_format.md) and return its path.
-
-    Layout and per-case records as `mednets.data.phantoms.write_phantom_dataset` writes them, ``labels``
-    from `STRUCTURES`; cases are drawn one after the other in this process.
-
-    Raises:
-        ConfigError: `n` < 1, or `out` is not empty and `overwrite` is False.
-    """
-    from tqdm.auto import tqdm
-
-    from mednets.data.io import write_volume
-    from mednets.data.volume import Volume
-
-    config = config or ThoraxConfig()
-    if n < 1:
-        raise ConfigError("number of phantoms must be at least 1", source="--n", got=n)
-    root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise ConfigError("output folder is not empty (pass overwrite to replace it)", source=str(root))
-        for name in ("imagesTr", "labelsTr", "imagesTs"):
-            shutil.rmtree(root / name, ignore_errors=True)
-        (root / "dataset.json").unlink(missing_ok=True)
-    cases: dict[str, dict[str, Any]] = {}
-    for index in tqdm(range(n), desc="thorax phantoms", unit="case", disable=not progress or n == 1):
-        case_id = f"phantom_{index:03d}"
-        phantom = generate_thorax_phantom(seed, config, case_index=index)
-        write_volume(Volume(phantom.image, phantom.affine), root / "imagesTr" / f"{case_id}_0000.nii.gz")
-        write_volume(Volume(phantom.labels, phantom.affine), root / "labelsTr" / f"{case_id}.nii.gz")
-        cases[case_id] = phantom.record()
-    generator = {"kind": "thorax", "seed": int(seed), "shape": list(config.shape),
-                 "spacing_mm": [round(v, 6) for v in config.spacing_mm], "noise_hu": config.noise_hu,
-                 "absence_rates": {k: config.absence_rates.get(k, 0.0) for k in SCENARIOS}}  # fmt: skip
-    info = {"name": "mednets_thorax_phantoms", "channel_names": {"0": "CT"}, "labels": {"background": 0, **_ID},
-            "description": "Synthetic contrast-enhanced thoraco-lumbar CT (mednets.data.phantom_thorax), HU, LPS",
-            "numTraining": n, "file_ending": ".nii.gz", "min_voxels": config.min_voxels, "generator": generator,
-            "cases": cases}  # fmt: skip
-    atomic_write_text(root / "dataset.json", json.dumps(info, indent=2) + "\n")
-    return root

@@ -40,6 +40,7 @@ import math
 import multiprocessing
 import os
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +72,14 @@ __all__ = [
     "Phantom",
     "PhantomConfig",
     "Scenario",
+    "Canvas",
     "case_geometry",
+    "check_rates",
     "default_workers",
     "generate_phantom",
     "parse_absence_rates",
+    "rotation",
+    "smooth_noise",
     "write_phantom_dataset",
 ]
 
@@ -189,19 +194,56 @@ class PhantomConfig:
             raise UnknownNameError(
                 "unknown phantom modality", source="modality", expected=", ".join(MODALITIES), got=self.modality
             )
-        for name, rate in self.absence_rates.items():
-            if name not in SCENARIOS:
-                raise UnknownNameError(
-                    "unknown absence scenario", source="absence_rates", expected=", ".join(SCENARIOS), got=name
-                )
-            if not 0.0 <= float(rate) <= 1.0:
-                raise ConfigError("absence rate must be in [0, 1]", source=f"absence_rates.{name}", got=rate)
+        check_rates(self.absence_rates, SCENARIOS)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
         if self.spacing is not None:
             return tuple(float(s) for s in self.spacing)  # type: ignore[return-value]
         return tuple(DEFAULT_FOV_MM / n for n in self.shape)  # type: ignore[return-value]
+
+    def generate(self, seed: int, case_index: int) -> Phantom:
+        """Case `case_index` of the dataset drawn with `seed` (`generate_phantom`)."""
+        return generate_phantom(seed, self, case_index=case_index)
+
+    def dataset_info(self, seed: int) -> dict[str, Any]:
+        """dataset.json's description of these phantoms: name, description, channels, labels, generator settings."""
+        generator: dict[str, Any] = {
+            "seed": int(seed),
+            "shape": list(self.shape),
+            "spacing_mm": [round(s, 6) for s in self.spacing_mm],
+            "absence_rates": {k: self.absence_rates.get(k, 0.0) for k in SCENARIOS},
+            "noise_hu": self.noise_hu,
+        }
+        if self.mixed_spacing:  # the per-case record holds each case's shape and spacing
+            generator["spacing_mm"] = "per case"
+            generator["mixed_spacing"] = {
+                "in_plane_mm": list(MIXED_IN_PLANE_MM),
+                "slice_mm": list(MIXED_SLICE_MM),
+                "coverage_mm": list(MIXED_COVERAGE_MM),
+                "slices": [min(MIXED_MIN_SLICES, self.shape[0]), self.shape[0]],
+            }
+        mr = self.modality == "mr"
+        if mr:
+            generator["modality"] = "mr"
+            del generator["noise_hu"]
+        description = (
+            "Synthetic T1-weighted-like abdominal MR (mednets.data.phantoms), arbitrary units, LPS orientation"
+            if mr
+            else "Synthetic contrast-enhanced abdominal CT (mednets.data.phantoms), HU, LPS orientation"
+        )
+        return {"name": "mednets_phantoms", "description": description, "channel_names": {"0": "MR" if mr else "CT"},
+                "labels": anatomy.label_names(), "generator": generator}  # fmt: skip
+
+
+def check_rates(rates: dict[str, float], scenarios: Mapping[str, Any]) -> None:
+    """Raise unless every rate names one of `scenarios` and lies in [0, 1]."""
+    for name, rate in rates.items():
+        if name not in scenarios:
+            raise UnknownNameError("unknown absence scenario", source="absence_rates", expected=", ".join(scenarios),
+                                   got=name)  # fmt: skip
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ConfigError("absence rate must be in [0, 1]", source=f"absence_rates.{name}", got=rate)
 
 
 @dataclass
@@ -234,29 +276,34 @@ class Phantom:
         return {"scenarios": self.scenarios, "absent": self.absent, "cut": self.cut, "small": self.small, **self.info}
 
 
-def parse_absence_rates(text: str | float | dict[str, float] | None) -> dict[str, float]:
-    """Absence rates from a number (every scenario), ``"name=rate,name=rate"`` (others keep defaults) or a dict."""
+def parse_absence_rates(
+    text: str | float | dict[str, float] | None, defaults: Mapping[str, float] = DEFAULT_ABSENCE_RATES
+) -> dict[str, float]:
+    """Absence rates from a number (every scenario), ``"name=rate,name=rate"`` (others keep `defaults`) or a dict.
+
+    `defaults` names the scenarios (the abdominal phantoms' by default; `phantom_thorax.DEFAULT_ABSENCE_RATES`).
+
+    Raises:
+        ConfigError: not a number nor name=rate pairs, or a rate that is not a number.
+        UnknownNameError: a name that is not a scenario.
+    """
     if text is None:
-        return dict(DEFAULT_ABSENCE_RATES)
+        return dict(defaults)
     if isinstance(text, dict):
-        return {**DEFAULT_ABSENCE_RATES, **{k: float(v) for k, v in text.items()}}
-    if isinstance(text, int | float):
-        return dict.fromkeys(SCENARIOS, float(text))
-    text = str(text).strip()
-    try:
-        return dict.fromkeys(SCENARIOS, float(text))
-    except ValueError:
-        pass
-    rates = dict(DEFAULT_ABSENCE_RATES)
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep:
+        given: dict[str, Any] = dict(text)
+    else:
+        try:
+            return dict.fromkeys(defaults, float(text))
+        except ValueError:
+            items = [item.partition("=") for item in str(text).split(",")]
+        if not all(sep for _, sep, _ in items):
             raise ConfigError("absence rates are a number or name=rate pairs", source="--absence-rate", got=text)
-        if name not in SCENARIOS:
-            raise UnknownNameError(
-                "unknown absence scenario", source="--absence-rate", expected=", ".join(SCENARIOS), got=name
-            )
+        given = {name.strip(): value for name, _, value in items}
+    rates = dict(defaults)
+    for name, value in given.items():
+        if name not in defaults:
+            raise UnknownNameError("unknown absence scenario", source="--absence-rate", expected=", ".join(defaults),
+                                   got=name)  # fmt: skip
         try:
             rates[name] = float(value)
         except ValueError as error:
@@ -264,7 +311,7 @@ def parse_absence_rates(text: str | float | dict[str, float] | None) -> dict[str
     return rates
 
 
-class _Canvas:
+class Canvas:
     """Deformed patient coordinates, the HU image and the label map being painted."""
 
     def __init__(
@@ -366,7 +413,7 @@ class _Canvas:
             self.labels[box][mask] = label
 
 
-def _rotation(axis: str, degrees: float) -> np.ndarray:
+def rotation(axis: str, degrees: float) -> np.ndarray:
     """Rotation matrix acting on (z, y, x) vectors about one patient axis."""
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     if axis == "z":  # in the axial (y, x) plane
@@ -376,7 +423,7 @@ def _rotation(axis: str, degrees: float) -> np.ndarray:
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])  # "x": in the sagittal (z, y) plane
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Unit-variance Gaussian noise smoothed over `sigma` voxels (texture and correlated CT noise)."""
     field_ = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
     return field_ / max(float(field_.std()), 1e-6)
@@ -486,16 +533,16 @@ def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
         z_offset = float(scenario_rng.uniform(*TRUNCATED_BOTTOM_EDGE_MM)) + half_fov
     grid = drawing_grid(shape, spacing) if uses_drawing_grid(spacing) else None
     if grid is None:
-        canvas = _Canvas(shape, spacing, z_offset, rng)
+        canvas = Canvas(shape, spacing, z_offset, rng)
     else:
-        canvas = _Canvas(grid.coarse_shape, grid.coarse_spacing, z_offset, rng, axes=grid.axes(z_offset))
+        canvas = Canvas(grid.coarse_shape, grid.coarse_spacing, z_offset, rng, axes=grid.axes(z_offset))
     size = float(rng.uniform(0.88, 1.08))  # in-plane patient size
     height = float(rng.uniform(0.92, 1.08))  # craniocaudal organ extent
     # Subcutaneous fat thickness, lean to obese; mixed-spacing datasets (clinical populations, full
     # field of view) reach 60 mm, bodies 230-370 mm wide; the 64³ phantoms keep 35 mm (320 mm field).
     fat_mm = float(rng.uniform(8.0, MIXED_MAX_FAT_MM if config.mixed_spacing else 35.0))
     visceral = float(rng.uniform(0.2, 0.8))  # fraction of the abdominal cavity that is fat, not bowel
-    fine = _smooth_noise(rng, canvas.shape, 1.0)
+    fine = smooth_noise(rng, canvas.shape, 1.0)
     coarse = _coarse_noise(rng, canvas.shape, 45.0, canvas.spacing)
     loops = _coarse_noise(rng, canvas.shape, 28.0, canvas.spacing)
     _draw_body(canvas, rng, size, height, fat_mm, visceral, fine, coarse, loops)
@@ -508,7 +555,7 @@ def _generate(seed: int, config: PhantomConfig, case_index: int) -> Phantom:
     elif grid is None:
         # Partial-volume blur then correlated noise, as a CT reconstruction kernel would give.
         image = ndimage.gaussian_filter(canvas.hu, 0.6)
-        image += np.float32(config.noise_hu) * _smooth_noise(rng, shape, 0.5)
+        image += np.float32(config.noise_hu) * smooth_noise(rng, shape, 0.5)
         image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
     else:
         image = _render_fine_ct(canvas, grid, rng, config.noise_hu)
@@ -550,7 +597,7 @@ def case_geometry(
     return (slices, shape[1], shape[2]), (thickness, in_plane, in_plane)
 
 
-def _render_fine_ct(canvas: _Canvas, grid: DrawingGrid, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
+def _render_fine_ct(canvas: Canvas, grid: DrawingGrid, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
     """The scan-sized int16 HU image from the coarse drawing: interpolated, then noise at full resolution."""
     image = upsample_intensities(blur_drawing(canvas.hu, grid), grid, fill=-1000.0)
     noise = box_noise(rng, grid.shape)
@@ -563,7 +610,7 @@ def _render_fine_ct(canvas: _Canvas, grid: DrawingGrid, rng: np.random.Generator
 
 
 def _render_mr(
-    canvas: _Canvas, grid: DrawingGrid | None, rng: np.random.Generator
+    canvas: Canvas, grid: DrawingGrid | None, rng: np.random.Generator
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The MR-like image of the drawn anatomy (`mednets.data.phantom_mr`) and the values drawn for it."""
     intensity = mr_intensity(canvas.hu, canvas.labels) * bias_field(rng, canvas.axes)
@@ -607,7 +654,7 @@ def _bookkeeping(
 
 
 def _draw_body(
-    canvas: _Canvas, rng, size: float, height: float, fat_mm: float, visceral: float, fine, coarse, loops
+    canvas: Canvas, rng, size: float, height: float, fat_mm: float, visceral: float, fine, coarse, loops
 ) -> None:
     z, y, x = canvas.z, canvas.y, canvas.x
     # Body cross-section: an ellipse, flatter at the back (the patient lies on the table), wider at the pelvis.
@@ -691,7 +738,7 @@ def _draw_body(
     _draw_spine_and_ribs(canvas, size, height, fine, cavity, muscle_wall, diaphragm)
 
 
-def _draw_spine_and_ribs(canvas: _Canvas, size: float, height: float, fine, cavity, muscle_wall, diaphragm) -> None:
+def _draw_spine_and_ribs(canvas: Canvas, size: float, height: float, fine, cavity, muscle_wall, diaphragm) -> None:
     z, y, x = canvas.z, canvas.y, canvas.x
     spine_y = 52.0 * size
     # Paraspinal and psoas muscles first, bone on top.
@@ -743,7 +790,7 @@ def _draw_spine_and_ribs(canvas: _Canvas, size: float, height: float, fine, cavi
     canvas.hu[ribs] = np.where(sin_theta[ribs] < -0.85, 160.0, 560.0)  # cartilage in front, bone elsewhere
 
 
-def _draw_clip(canvas: _Canvas, point, allowed: np.ndarray) -> bool:
+def _draw_clip(canvas: Canvas, point, allowed: np.ndarray) -> bool:
     """Paint a metal surgical clip (about 5 mm) at `point` (z, y, x mm); whether any of it is in view.
 
     At least the voxel nearest to the point is painted, so a clip shows at every voxel size.
@@ -759,7 +806,7 @@ def _draw_clip(canvas: _Canvas, point, allowed: np.ndarray) -> bool:
     return bool(mask.any())
 
 
-def _fill_with_bowel(canvas: _Canvas, box, mask: np.ndarray, fine: np.ndarray, loops: np.ndarray) -> bool:
+def _fill_with_bowel(canvas: Canvas, box, mask: np.ndarray, fine: np.ndarray, loops: np.ndarray) -> bool:
     """Paint bowel loops where `mask` (over `box`) holds; whether any voxel was painted.
 
     Walls and fluid alternate along the level sets of `loops`, with a little gas and mesenteric fat in
@@ -773,7 +820,7 @@ def _fill_with_bowel(canvas: _Canvas, box, mask: np.ndarray, fine: np.ndarray, l
 
 
 def _draw_organs(
-    canvas: _Canvas, rng, size: float, height: float, changes: _Changes, fine, loops
+    canvas: Canvas, rng, size: float, height: float, changes: _Changes, fine, loops
 ) -> dict[str, list[str]]:
     """Paint the 13 organs, the vessels and what the scenarios leave; the record's ``clips`` and ``displaced_bowel``.
 
@@ -799,11 +846,11 @@ def _draw_organs(
     k = scale()
     right_lobe = jitter((48.0 * h, 5.0 * s, -58.0 * s))
     right_semi = np.array([76.0 * h, 86.0 * s, 84.0 * s]) * k
-    box, q = canvas.ellipsoid(right_lobe, right_semi, _rotation("y", -12.0))
+    box, q = canvas.ellipsoid(right_lobe, right_semi, rotation("y", -12.0))
     liver_mask = np.zeros(canvas.shape, dtype=bool)
     liver_mask[box] |= q <= 1.0
     box, q = canvas.ellipsoid(
-        jitter((72.0 * h, -42.0 * s, 10.0 * s)), np.array([34.0 * h, 36.0 * s, 62.0 * s]) * k, _rotation("z", 12.0)
+        jitter((72.0 * h, -42.0 * s, 10.0 * s)), np.array([34.0 * h, 36.0 * s, 62.0 * s]) * k, rotation("z", 12.0)
     )
     liver_mask[box] |= q <= 1.0
     liver_mask &= allowed & (z < canvas.diaphragm - 2.0)
@@ -828,7 +875,7 @@ def _draw_organs(
     k = scale() * changes.volume.get("spleen", 1.0) ** (1.0 / 3.0)
     spleen_centre = jitter((50.0 * h, 46.0 * s, 80.0 * s))
     if draw("spleen"):
-        box, q = canvas.ellipsoid(spleen_centre, np.array([56.0 * h, 52.0 * s, 26.0 * s]) * k, _rotation("z", 40.0))
+        box, q = canvas.ellipsoid(spleen_centre, np.array([56.0 * h, 52.0 * s, 26.0 * s]) * k, rotation("z", 40.0))
         canvas.paint(box, q <= 1.0, 50.0 + 4.0 * fine[box], _ID["spleen"], allowed & (z < canvas.diaphragm - 2.0))
     elif "spleen" in changes.clips:  # on the splenic vessels' stump, beyond the ligated vein
         clip_sites.append(("spleen", np.array([28.0 * h, 14.0 * s, 37.0 * s], dtype=np.float32)))
@@ -892,27 +939,27 @@ def _draw_organs(
     for name, side, zc in (("right_kidney", -1.0, -22.0), ("left_kidney", 1.0, -6.0)):
         k = scale(0.08) * changes.volume.get(name, 1.0) ** (1.0 / 3.0)
         center = jitter((zc * h, 56.0 * s, side * 66.0 * s), 5.0)
-        rotation = _rotation("z", side * 30.0) @ _rotation("y", side * 14.0)
+        turn = rotation("z", side * 30.0) @ rotation("y", side * 14.0)
         semi = np.array([55.0 * h, 23.0 * s, 28.0 * s]) * k
         hilum = center + np.array([0.0, -8.0 * s, -side * 26.0 * s], dtype=np.float32)
         if not draw(name):
             if name in changes.bowel_bed:
-                box, q = canvas.ellipsoid(center, semi * 1.15, rotation)
+                box, q = canvas.ellipsoid(center, semi * 1.15, turn)
                 if _fill_with_bowel(canvas, box, (q <= 1.0) & allowed[box] & (canvas.labels[box] == 0), fine, loops):
                     bowel_beds.append(name)
             if name in changes.clips:  # on the renal artery and vein stumps
                 stumps = ((4.0, 0.0, -side * 6.0), (-4.0, 3.0, -side * 9.0))
                 clip_sites += [(name, hilum + np.array(offset, dtype=np.float32)) for offset in stumps]
             continue
-        box, q = canvas.ellipsoid(center, semi, rotation)
+        box, q = canvas.ellipsoid(center, semi, turn)
         kidney = q <= 1.0
         plane = changes.resection.get(name)
         if plane is not None:
             offset = [c - p for c, p in zip(canvas.coords(box), center, strict=True)]
-            along = sum(float(r) * d for r, d in zip(rotation[0], offset, strict=True)) / semi[0]  # long axis
+            along = sum(float(r) * d for r, d in zip(turn[0], offset, strict=True)) / semi[0]  # long axis
             kidney &= math.copysign(1.0, plane) * along <= abs(plane)
             if name in changes.clips:
-                clip_sites.append((name, center + (plane * semi[0] * rotation[0]).astype(np.float32)))
+                clip_sites.append((name, center + (plane * semi[0] * turn[0]).astype(np.float32)))
         tissue = np.where(q > 0.5, 175.0, 85.0).astype(np.float32) + 4.0 * fine[box]
         sinus_box, sinus_q = canvas.ellipsoid(
             center + np.array([0.0, -6.0 * s, -side * 16.0 * s]), (22.0 * h, 9.0 * s, 10.0 * s)
@@ -935,7 +982,7 @@ def _draw_organs(
             continue
         for tilt in (-28.0, 28.0):
             box, q = canvas.ellipsoid(
-                c + np.array([-8.0, 0.0, 0.0]), (18.0 * h, 13.0 * s, 4.5 * s), _rotation("y", tilt)
+                c + np.array([-8.0, 0.0, 0.0]), (18.0 * h, 13.0 * s, 4.5 * s), rotation("y", tilt)
             )
             canvas.paint(box, q <= 1.0, 40.0, _ID[name], allowed)
 
@@ -943,7 +990,7 @@ def _draw_organs(
     gb_center = jitter((2.0 * h, -42.0 * s, -52.0 * s), 5.0)
     k = scale(0.15)
     if draw("gallbladder"):
-        box, q = canvas.ellipsoid(gb_center, np.array([36.0 * h, 17.0 * s, 17.0 * s]) * k, _rotation("x", 35.0))
+        box, q = canvas.ellipsoid(gb_center, np.array([36.0 * h, 17.0 * s, 17.0 * s]) * k, rotation("x", 35.0))
         canvas.paint(box, q <= 1.0, np.where(q > 0.7, 38.0, 10.0 + 3.0 * fine[box]), _ID["gallbladder"], allowed)
     elif "gallbladder" in changes.clips:
         clip_sites.append(("gallbladder", gb_center + np.array([30.0, 10.0, 5.0], dtype=np.float32)))
@@ -1022,13 +1069,16 @@ def write_phantom_dataset(
     out: str | os.PathLike[str],
     n: int,
     seed: int = 0,
-    config: PhantomConfig | None = None,
+    config: PhantomConfig | Any = None,
     *,
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = False,
 ) -> Path:
     """Generate `n` phantoms into a dataset folder (docs/dataset_format.md) and return its path.
+
+    `config` is a `PhantomConfig` (abdomen) or another kind's config with the same two methods,
+    `generate(seed, case_index)` and `dataset_info(seed)` (`phantom_thorax.ThoraxConfig`).
 
     Writes ``imagesTr/phantom_XXX_0000.nii.gz``, ``labelsTr/phantom_XXX.nii.gz`` and ``dataset.json``
     with ``labels`` from `mednets.anatomy`, the generator settings and, per case (`Phantom.record`), the
@@ -1077,37 +1127,11 @@ def write_phantom_dataset(
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     bar.close()
-    generator: dict[str, Any] = {
-        "seed": int(seed),
-        "shape": list(config.shape),
-        "spacing_mm": [round(s, 6) for s in config.spacing_mm],
-        "absence_rates": {k: config.absence_rates.get(k, 0.0) for k in SCENARIOS},
-        "noise_hu": config.noise_hu,
-    }
-    if config.mixed_spacing:  # the per-case record holds each case's shape and spacing
-        generator["spacing_mm"] = "per case"
-        generator["mixed_spacing"] = {
-            "in_plane_mm": list(MIXED_IN_PLANE_MM),
-            "slice_mm": list(MIXED_SLICE_MM),
-            "coverage_mm": list(MIXED_COVERAGE_MM),
-            "slices": [min(MIXED_MIN_SLICES, config.shape[0]), config.shape[0]],
-        }
-    mr = config.modality == "mr"
-    if mr:
-        generator["modality"] = "mr"
-        del generator["noise_hu"]
     info = {
-        "name": "mednets_phantoms",
-        "description": "Synthetic T1-weighted-like abdominal MR (mednets.data.phantoms), arbitrary units, "
-        "LPS orientation"
-        if mr
-        else "Synthetic contrast-enhanced abdominal CT (mednets.data.phantoms), HU, LPS orientation",
-        "channel_names": {"0": "MR" if mr else "CT"},
-        "labels": anatomy.label_names(),
+        **config.dataset_info(seed),
         "numTraining": n,
         "file_ending": ".nii.gz",
         "min_voxels": config.min_voxels,
-        "generator": generator,
         "cases": {f"phantom_{index:03d}": record for index, record in enumerate(records)},
     }
     atomic_write_text(root / "dataset.json", json.dumps(info, indent=2) + "\n")
@@ -1126,13 +1150,13 @@ def _init_worker() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # one core per worker: torch's interpolation would take them all
 
 
-def _write_case(root: Path, seed: int, config: PhantomConfig, index: int) -> dict[str, Any]:
+def _write_case(root: Path, seed: int, config: Any, index: int) -> dict[str, Any]:
     """Draw case `index` and write its image and label files (each atomically); its dataset.json record."""
     from mednets.data.io import write_volume
     from mednets.data.volume import Volume
 
     case_id = f"phantom_{index:03d}"
-    phantom = generate_phantom(seed, config, case_index=index)
+    phantom = config.generate(seed, index)
     write_volume(Volume(phantom.image, phantom.affine), root / "imagesTr" / f"{case_id}_0000.nii.gz")
     write_volume(Volume(phantom.labels, phantom.affine), root / "labelsTr" / f"{case_id}.nii.gz")
     return phantom.record()

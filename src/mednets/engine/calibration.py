@@ -27,14 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mednets.atomic import atomic_write_text
-from mednets.data.dataset import Dataset
+from mednets.data.dataset import Dataset, load_dataset, split_cases
 from mednets.data.io import read_any
 from mednets.engine.inference import load_run, predict_image
 from mednets.engine.run import RunFolder
 from mednets.metrics import expected_calibration_error
 from mednets.tasks.calibration import PresenceCalibration, choose_threshold, fit_temperatures
 
-__all__ = ["calibrate_run", "MAX_VOLUME_FLOOR"]
+__all__ = ["calibrate_run", "recalibrate", "MAX_VOLUME_FLOOR"]
 
 MAX_VOLUME_FLOOR = 0.25  # of the smallest training volume: the floor predict used before calibration existed
 log = logging.getLogger(__name__)
@@ -76,6 +76,18 @@ def calibrate_run(
     atomic_write_text(RunFolder(run_dir).calibration_path, json.dumps(calibration.to_dict(), indent=2) + "\n")
     log.info("presence calibration: %s", calibration.fitted_on)
     return calibration
+
+
+def recalibrate(run_dir: str | Path, *, device: str = "auto", progress: bool = False) -> PresenceCalibration | None:
+    """Fit a finished run's calibration again on its validation split (e.g. a run trained before calibration).
+
+    The split is the run's own: its config's dataset, `val_fraction` and `split_seed` over the training cases.
+    """
+    config = RunFolder(run_dir).config()
+    dataset = load_dataset(config.data.dataset)
+    cases = [case.case_id for case in dataset.training]
+    _, validation = split_cases(cases, val_fraction=config.data.val_fraction, seed=config.data.split_seed)
+    return calibrate_run(run_dir, dataset, validation, device=device, progress=progress)
 
 
 def _volume_floor(

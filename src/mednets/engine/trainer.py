@@ -55,6 +55,7 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     schedule_steps: int | None = None  # where the cosine ends: `max_steps`, or the steps the time budget reaches
+    pace_mark: tuple[int, float] | None = None  # (step, elapsed seconds) from which the pace is measured
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -232,18 +233,26 @@ class Trainer:
         return self.state.schedule_steps or self.config.train.max_steps
 
     def _fit_schedule_to_budget(self, budget: float | None) -> None:
-        """Shorten the cosine to the steps the time budget reaches at the pace so far (validation included).
+        """End the cosine where the time budget does, at the pace measured since `BUDGET_PACE_STEPS`.
 
-        Measured from `BUDGET_PACE_STEPS` on (the first steps carry start-up costs); the horizon only
-        shrinks, the same on every rank (the largest elapsed time decides).
+        Start-up (the first steps, the loader's first batches) is left out of the pace; every later
+        estimate replaces the last, in either direction and never beyond `max_steps`, so one slow
+        stretch (another job on the machine) does not cut the schedule for good. The same on every
+        rank (the largest elapsed time decides).
         """
         step = self.state.step
         if budget is None or step < BUDGET_PACE_STEPS:
             return
         elapsed = self._elapsed_everywhere()
-        reachable = step + int((budget - elapsed) / (elapsed / step))
-        if reachable < self._horizon():
-            self.state.schedule_steps = max(step + 1, reachable)
+        if self.state.pace_mark is None:
+            self.state.pace_mark = (step, elapsed)
+            return
+        mark_step, mark_seconds = self.state.pace_mark
+        if step <= mark_step:
+            return
+        pace = (elapsed - mark_seconds) / (step - mark_step)  # seconds per step, validation included
+        reachable = step + int(max(0.0, budget - elapsed) / max(pace, 1e-9))
+        self.state.schedule_steps = max(step + 1, min(self.config.train.max_steps, reachable))
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -454,7 +463,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['total']:.4f}", refresh=False)
                 out_of_time = budget is not None and self._elapsed_everywhere() >= budget
-                if self.state.step == BUDGET_PACE_STEPS or self.state.step % settings.val_every == 0:
+                if (
+                    self.state.step in (BUDGET_PACE_STEPS, 2 * BUDGET_PACE_STEPS)
+                    or self.state.step % settings.val_every == 0
+                ):
                     self._fit_schedule_to_budget(budget)  # before the checkpoint, which keeps the horizon
                 if out_of_time or self.state.step % settings.val_every == 0:
                     metrics = self._validate_and_checkpoint(log) or metrics

@@ -6,7 +6,7 @@ largest window logit for patch models) and their truth fit one temperature per s
 `p = sigmoid(z / T_k)`, with `log T_k = a + b_k`: a shared scale `a` and per-structure offsets `b_k`
 shrunk towards 0 (a Gaussian prior, `OFFSET_PRIOR_SD`), because a validation split holds few absent
 cases of any one structure. The targets are Platt's (`(n+ + 1) / (n+ + 2)` for present pairs,
-`1 / (n- + 2)` for absent ones): with cleanly separated validation logits, plain likelihood would
+`1 / (n- + 2)` for absent ones, counted over all pairs): with cleanly separated validation logits, plain likelihood would
 drive the temperatures to 0 (certainty). The decision threshold is then chosen on the same
 calibrated validation probabilities (`choose_threshold`). Nothing here ever sees test data.
 """
@@ -77,9 +77,12 @@ class PresenceCalibration:
 
 
 def _platt_targets(present: torch.Tensor) -> torch.Tensor:
-    """Platt's smoothed targets per structure: `(n+ + 1)/(n+ + 2)` for present, `1/(n- + 2)` for absent."""
-    positives = present.sum(0)
-    negatives = (~present).sum(0)
+    """Platt's smoothed targets, counted over all pairs: `(n+ + 1)/(n+ + 2)` for present, `1/(n- + 2)` for absent.
+
+    Pooled, not per structure: a structure seen present in 6 validation cases alone would get the
+    target 7/8, an underconfidence that the test set's ECE pays for."""
+    positives = present.sum()
+    negatives = (~present).sum()
     return torch.where(present, (positives + 1) / (positives + 2), 1 / (negatives + 2)).float()
 
 
