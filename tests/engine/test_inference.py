@@ -59,7 +59,9 @@ def test_unreadable_input_is_reported_and_the_rest_continue(tiny_run: Path, tmp_
 
 def test_gating_empties_structures_judged_absent(tiny_sadaan_run: Path, tmp_path: Path) -> None:
     run = load_run(tiny_sadaan_run)
-    run.task.calibration = None  # the model's own threshold decides (a calibrated run: tests/engine/test_presence_runs.py)
+    run.task.calibration = (
+        None  # the model's own threshold decides (a calibrated run: tests/engine/test_presence_runs.py)
+    )
     run.model.presence_threshold = 1.0  # nothing is judged present
     phantom = sorted((tiny_sadaan_run / "phantoms" / "test" / "imagesTr").glob("*.nii.gz"))[0]
     predict_paths(run, [phantom], tmp_path, progress=False)
